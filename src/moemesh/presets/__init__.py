@@ -1,0 +1,1 @@
+"""Shipped config presets (`moemesh train tiny`); `tiny` is the default."""
