@@ -1,0 +1,220 @@
+"""Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, and the local token dispatch.
+
+Dispatch runs as separate stages so that expert parallelism can slot its all-to-all between them:
+  1. `permute`: sort (token, choice) assignments by expert, apply capacity, count rows per expert;
+  2. gather rows `x_RD = x_TD[token of each kept assignment]`;
+  3. experts on contiguous per-expert row blocks (one grouped GEMM);
+  4. `combine`: scale by router weights, scatter back to (token, choice) slots, sum over choices.
+The model holds a `LocalDispatcher`; `moemesh.parallel` swaps in one that moves rows between ranks.
+
+Capacity policy (dispatch="capacity"): each expert takes at most
+ceil(capacity_factor * tokens_per_group * top_k / num_experts) assignments per capacity group (a group is
+one rank's micro-batch; single-process it is the whole batch unless `capacity_groups` says otherwise).
+Assignments are served in token order (sequence by sequence, position by position, then choice order),
+so within a group the LATEST tokens are dropped first. A dropped assignment contributes nothing; its
+weight is not given to the other choices; a token with every choice dropped passes on by the residual.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, R routed rows (kept assignments).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemesh.model.grouped import grouped_mm
+from moemesh.model.layers import SwiGLU
+
+
+@dataclass
+class Routing:
+    weights_TK: torch.Tensor  # fp32 combine weights of the chosen experts
+    experts_TK: torch.Tensor  # int64 chosen expert ids
+    probs_TE: torch.Tensor  # fp32 per-expert probabilities the aux loss balances
+    logits_TE: torch.Tensor  # fp32 raw gate logits (z-loss)
+
+
+class Router(nn.Module):
+    """Linear gate and top-k choice.
+
+    softmax: weights are the softmax probabilities of the chosen experts (Mixtral; with `renormalize`
+    this equals a softmax over the chosen logits). sigmoid: scores are sigmoid(logits); experts are
+    chosen by score + `expert_bias`, a buffer moved toward equal load after each step (`update_bias`),
+    and weighted by the unbiased scores (DeepSeek-V3).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, kind: str, renormalize: bool):
+        super().__init__()
+        self.num_experts, self.top_k, self.kind, self.renormalize = num_experts, top_k, kind, renormalize
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = self.gate(x_TD).float()
+        if self.kind == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+            choice_TE = scores_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+            choice_TE = scores_TE + self.expert_bias
+        experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return Routing(weights_TK, experts_TK, probs_TE, logits_TE)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.kind == "sigmoid" and rate > 0:
+            self.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
+
+
+@dataclass
+class Permutation:
+    order_R: torch.Tensor  # flat assignment index (token * K + choice) of each kept row, grouped by expert
+    counts_E: torch.Tensor  # int64 kept rows per expert
+    num_dropped: torch.Tensor  # int64 scalar
+
+
+def capacity_per_group(tokens_per_group: int, top_k: int, num_experts: int, factor: float) -> int:
+    return math.ceil(factor * tokens_per_group * top_k / num_experts)
+
+
+def permute(experts_TK: torch.Tensor, num_experts: int, capacity: int | None, groups: int = 1) -> Permutation:
+    """Stage 1: order assignments by expert (stable, so token order within an expert), drop those past
+    `capacity` within each of `groups` equal contiguous token groups (None: dropless)."""
+    num_tokens, top_k = experts_TK.shape
+    flat_A = experts_TK.reshape(-1)
+    if capacity is None:
+        order_R = torch.argsort(flat_A, stable=True)
+        counts_E = torch.bincount(flat_A, minlength=num_experts)
+        return Permutation(order_R, counts_E, flat_A.new_zeros(()))
+    group_A = torch.arange(flat_A.numel(), device=flat_A.device) // (num_tokens // groups * top_k)
+    key_A = flat_A * groups + group_A
+    order_A = torch.argsort(key_A, stable=True)
+    sorted_key_A = key_A[order_A]
+    seg_counts = torch.bincount(key_A, minlength=num_experts * groups)
+    seg_starts = torch.cumsum(seg_counts, 0) - seg_counts
+    rank_A = torch.arange(flat_A.numel(), device=flat_A.device) - seg_starts[sorted_key_A]
+    keep_A = rank_A < capacity
+    order_R = order_A[keep_A]
+    counts_E = torch.bincount(flat_A[order_R], minlength=num_experts)
+    return Permutation(order_R, counts_E, (~keep_A).sum())
+
+
+def combine(y_RD: torch.Tensor, order_R: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Stage 4: weight each row, put it in its (token, choice) slot, sum choices in a fixed order
+    (deterministic, unlike an atomic index_add)."""
+    num_tokens, top_k = weights_TK.shape
+    w_R = weights_TK.reshape(-1)[order_R]
+    slots_AD = y_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1], dtype=torch.float32)
+    slots_AD[order_R] = y_RD.float() * w_R[:, None]
+    return slots_AD.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored stacked for one grouped GEMM per projection."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # the Transformer re-initialises with its std
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        dtype = torch.get_autocast_dtype(x_RD.device.type) if torch.is_autocast_enabled(x_RD.device.type) else x_RD.dtype
+        x_RD = x_RD.to(dtype)
+        w1, w3, w2 = (w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+        h_RF = F.silu(grouped_mm(x_RD, w1, offsets_E)) * grouped_mm(x_RD, w3, offsets_E)
+        return grouped_mm(h_RF, w2, offsets_E)
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation,
+                 experts: GroupedExperts) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """All experts live here: gather rows, run experts, combine."""
+
+    def __call__(self, x_TD, weights_TK, perm, experts):
+        top_k = weights_TK.shape[1]
+        y_RD = experts(x_TD[perm.order_R // top_k], perm.counts_E)
+        return combine(y_RD, perm.order_R, weights_TK)
+
+
+def routing_stats(routing: Routing, perm: Permutation) -> torch.Tensor:
+    """Sums whose all-reduce over every micro-batch gives global statistics, packed for one collective:
+    [counts_E, prob_sums_E, z_sum, num_tokens, num_dropped]. Only prob_sums and z_sum carry gradient."""
+    num_experts = routing.probs_TE.shape[1]
+    counts_E = torch.bincount(routing.experts_TK.reshape(-1), minlength=num_experts).float()
+    z_sum = torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum()
+    tail = torch.stack([z_sum, z_sum.new_tensor(float(routing.probs_TE.shape[0])),
+                        perm.num_dropped.float()])
+    return torch.cat([counts_E, routing.probs_TE.sum(dim=0), tail])
+
+
+def balance_losses(stats: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch/GShard aux loss E * sum_e f_e * P_e (f: fraction of assignments, P: mean probability) and
+    router z-loss mean(logsumexp(logits)^2), from (global) `routing_stats`."""
+    counts_E, prob_sums_E = stats[:num_experts], stats[num_experts:2 * num_experts]
+    z_sum, num_tokens = stats[2 * num_experts], stats[2 * num_experts + 1]
+    f_E = counts_E / (num_tokens * top_k)
+    p_E = prob_sums_E / num_tokens
+    return num_experts * (f_E * p_E).sum(), z_sum / num_tokens
+
+
+def _identity(stats: torch.Tensor) -> torch.Tensor:
+    return stats
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, num_experts: int, top_k: int, ffn_dim: int, router: str, renormalize: bool,
+                 num_shared_experts: int, dispatch: str, capacity_factor: float):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = capacity_factor if dispatch == "capacity" else None
+        self.router = Router(dim, num_experts, top_k, router, renormalize)
+        self.experts = GroupedExperts(num_experts, dim, ffn_dim)
+        self.shared = SwiGLU(dim, ffn_dim * num_shared_experts) if num_shared_experts else None
+        # Pluggable from outside (moemesh.parallel): where experts run, and how stats become global.
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.capacity_groups = 1
+        self.last_stats: torch.Tensor | None = None  # global routing_stats of the last forward, detached
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        routing = self.router(x_TD)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = capacity_per_group(x_TD.shape[0] // self.capacity_groups, self.top_k,
+                                          self.num_experts, self.capacity_factor)
+        perm = permute(routing.experts_TK, self.num_experts, capacity, self.capacity_groups)
+        stats = self.stats_reducer(routing_stats(routing, perm))
+        self.last_stats = stats.detach()
+        aux_loss, z_loss = balance_losses(stats, self.num_experts, self.top_k)
+        y_TD = self.dispatcher(x_TD, routing.weights_TK, perm, self.experts).to(x_BSD.dtype)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(shape), aux_loss, z_loss
+
+    def expert_load(self) -> tuple[torch.Tensor, float]:
+        """(fraction of assignments per expert, fraction of assignments dropped) of the last forward."""
+        assert self.last_stats is not None, "expert_load() before any forward"
+        E = self.num_experts
+        counts_E, num_tokens, dropped = self.last_stats[:E], self.last_stats[2 * E + 1], self.last_stats[2 * E + 2]
+        total = num_tokens * self.top_k
+        return counts_E / total, float(dropped / total)

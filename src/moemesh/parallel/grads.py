@@ -1,0 +1,72 @@
+"""Gradient synchronisation, global-norm clipping and metric averaging across the mesh.
+
+`parallelize` tags every parameter with how it is laid out (see `apply.tag`):
+  _mm_expert   expert weight: sharded over `expert`, replicated over `data`;
+  _mm_partial  replicated over `model` but each TP rank holds a partial gradient (sequence-parallel norms);
+  _mm_replicas number of ranks holding an identical copy of this tensor (for the global norm).
+Each data x expert coordinate back-propagates the mean loss of its own micro-batch, so dense gradients
+are averaged over data x expert. An expert's gradient already sums the contributions of every micro-batch
+of its expert group (tokens came to it by all-to-all), so it is summed over `data` and divided by dp*ep.
+Both then equal the gradient of the global-batch mean loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moemesh.parallel.mesh import Mesh
+
+
+def _all_reduce_coalesced(grads: list[torch.Tensor], group, scale: float) -> None:
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
+    if mesh is None:
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    partial = [p.grad for p in params if getattr(p, "_mm_partial", False)]
+    if mesh.tp > 1:
+        _all_reduce_coalesced(partial, mesh.model_group, 1.0)
+    shards = mesh.dp * mesh.ep
+    dense = [p.grad for p in params if not getattr(p, "_mm_expert", False)]
+    expert = [p.grad for p in params if getattr(p, "_mm_expert", False)]
+    if shards > 1:
+        _all_reduce_coalesced(dense, mesh.data_expert_group, 1.0 / shards)
+    if mesh.dp > 1 or mesh.ep > 1:
+        _all_reduce_coalesced(expert, mesh.data_group, 1.0 / shards)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
+    """Scale gradients so the global L2 norm (each distinct element counted once) is at most max_norm;
+    return the norm before clipping. One scalar all-reduce over the world."""
+    grads = [(p.grad, getattr(p, "_mm_replicas", 1)) for p in model.parameters() if p.grad is not None]
+    sumsq = torch.zeros((), device=grads[0][0].device, dtype=torch.float32)
+    for grad, replicas in grads:
+        sumsq += grad.float().pow(2).sum() / replicas
+    if mesh is not None:
+        dist.all_reduce(sumsq)
+    norm = sumsq.sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([g for g, _ in grads], scale)
+    return norm
+
+
+def mean_over_batch(values: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
+    """Average per-micro-batch values (losses) over data x expert: the global-batch value."""
+    if mesh is None or mesh.num_batch_shards == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, group=mesh.data_expert_group)
+    return values / mesh.num_batch_shards

@@ -1,0 +1,134 @@
+"""The training loop. The same code runs single-process (`mesh=None`) and on every rank of a mesh."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moemesh.config import Config, to_toml
+from moemesh.errors import UserError
+from moemesh.model.transformer import Transformer
+from moemesh.parallel.apply import parallelize
+from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradients
+from moemesh.parallel.mesh import Mesh
+from moemesh.train.data import TokenSource, build_source, shard_batch
+from moemesh.train.metrics import MetricsWriter, format_summary
+from moemesh.train.optim import build_optimizer, lr_at, set_lr
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device='cuda' but no CUDA device is visible (use 'cpu' or 'auto')")
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless float32 is asked for; fp32 on CPU unless bfloat16 is asked for."""
+    if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def preflight(cfg: Config) -> TokenSource:
+    """Everything that can fail on user input, checked before any file is written or process started."""
+    return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """Create the run dir and write config.toml; on failure leave nothing behind."""
+    run_dir = Path(cfg.run.dir)
+    existed = run_dir.exists()
+    if existed and not run_dir.is_dir():
+        raise UserError(f"run.dir={cfg.run.dir}: exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    except OSError as exc:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"run.dir={cfg.run.dir}: not writable ({exc.strerror or exc})") from None
+    return run_dir
+
+
+def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> Transformer:
+    """Same initial weights at every layout: the full model is built from the seed, then sharded."""
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    parallelize(model, mesh, cfg.parallel)
+    return model.to(device)
+
+
+def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = None,
+          run_dir: Path | None = None) -> dict[str, Any]:
+    """Run `cfg.train.steps` optimizer steps; return the summary (on every rank)."""
+    device = resolve_device(cfg)
+    source = source or preflight(cfg)
+    is_main = mesh is None or mesh.rank == 0
+    if is_main and run_dir is None:
+        run_dir = create_run_dir(cfg)
+    model = build_model(cfg, device, mesh)
+    optimizer = build_optimizer(model, cfg.train)
+    amp_dtype = autocast_dtype(cfg, device)
+    writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
+    shard, num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    history: list[float] = []
+    window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            batch_BS = shard_batch(source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len),
+                                   shard, num_shards).to(device)
+            lr = lr_at(step, cfg.train)
+            set_lr(optimizer, lr)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                out = model(batch_BS[:, :-1], batch_BS[:, 1:])
+            out.loss.backward()
+            sync_gradients(model, mesh)
+            grad_norm = clip_grad_norm(model, cfg.train.grad_clip, mesh)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for moe in model.moe_layers():
+                moe.router.update_bias(moe.last_stats[: moe.num_experts], cfg.model.bias_update_rate)
+            losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), mesh)
+            history.append(losses[1])
+            window_steps += 1
+            if step % cfg.run.log_every == 0 or step == cfg.train.steps:
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * window_steps / (now - window_start)
+                window_start, window_steps = now, 0
+                if writer is not None:
+                    writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, model))
+    finally:
+        if writer is not None:
+            writer.close()
+    elapsed = time.perf_counter() - start
+    tail = torch.stack(history[-min(10, len(history)):]).mean().item()
+    summary = {
+        "steps": cfg.train.steps, "elapsed_s": elapsed, "tokens_per_s": tokens_per_step * cfg.train.steps / elapsed,
+        "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
+        "gap_to_floor": None if source.entropy_floor is None else tail / source.entropy_floor - 1,
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def step_record(step: int, losses: torch.Tensor, lr: float, grad_norm: torch.Tensor, tokens_per_s: float,
+                model: Transformer) -> dict[str, Any]:
+    loss, lm_loss, aux_loss, z_loss = losses.tolist()
+    loads, dropped = zip(*(moe.expert_load() for moe in model.moe_layers())) if model.moe_layers() else ((), ())
+    return {
+        "step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+        "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+        "expert_load": [load.tolist() for load in loads], "dropped_frac": list(dropped),
+    }

@@ -1,0 +1,202 @@
+"""Router, aux/z losses, permutation, capacity and grouped GEMM against hand-computed references."""
+
+import math
+
+import pytest
+import torch
+
+from moemesh.model.grouped import grouped_mm, grouped_mm_loop
+from moemesh.model.layers import SwiGLU
+from moemesh.model.moe import (MoE, Router, balance_losses, capacity_per_group, combine, permute,
+                               routing_stats)
+
+LOGITS = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]]
+
+
+def router_with_logits(kind, renormalize=False, top_k=2):
+    router = Router(dim=4, num_experts=4, top_k=top_k, kind=kind, renormalize=renormalize)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4))
+    return router, torch.tensor(LOGITS)
+
+
+def softmax_row(row):
+    total = sum(math.exp(v) for v in row)
+    return [math.exp(v) / total for v in row]
+
+
+def test_softmax_router_topk_and_weights():
+    router, x = router_with_logits("softmax")
+    routing = router(x)
+    assert routing.experts_TK.tolist() == [[0, 1], [3, 2], [1, 3]]
+    for t, row in enumerate(LOGITS):
+        p = softmax_row(row)
+        expected = [p[e] for e in routing.experts_TK[t].tolist()]
+        assert routing.weights_TK[t].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_softmax_renormalized_equals_softmax_over_chosen_logits():
+    router, x = router_with_logits("softmax", renormalize=True)
+    routing = router(x)
+    # Mixtral: softmax over the chosen logits only.
+    for t, row in enumerate(LOGITS):
+        chosen = [row[e] for e in routing.experts_TK[t].tolist()]
+        assert routing.weights_TK[t].tolist() == pytest.approx(softmax_row(chosen), rel=1e-6)
+
+
+def test_sigmoid_router_bias_changes_choice_not_weight():
+    router, x = router_with_logits("sigmoid")
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    routing = router(x)
+    assert routing.experts_TK.tolist() == [[2, 0], [2, 3], [2, 1]]
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    assert routing.weights_TK[0].tolist() == pytest.approx([sig(2.0), sig(4.0)], rel=1e-6)
+    # aux-loss probabilities are the normalised unbiased scores
+    row = [sig(v) for v in LOGITS[0]]
+    assert routing.probs_TE[0].tolist() == pytest.approx([v / sum(row) for v in row], rel=1e-6)
+
+
+def test_bias_update_moves_toward_equal_load():
+    router, _ = router_with_logits("sigmoid")
+    router.update_bias(torch.tensor([5.0, 1.0, 3.0, 3.0]), rate=0.1)
+    assert router.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+def test_aux_and_z_loss_hand_computed():
+    router, x = router_with_logits("softmax")
+    routing = router(x)
+    perm = permute(routing.experts_TK, 4, capacity=None)
+    aux, z = balance_losses(routing_stats(routing, perm), num_experts=4, top_k=2)
+    # assignments: expert 0:1, 1:2, 2:1, 3:2 of 6
+    f = [1 / 6, 2 / 6, 1 / 6, 2 / 6]
+    probs = [softmax_row(r) for r in LOGITS]
+    P = [sum(p[e] for p in probs) / 3 for e in range(4)]
+    assert aux.item() == pytest.approx(4 * sum(fe * pe for fe, pe in zip(f, P)), rel=1e-6)
+    lse = [math.log(sum(math.exp(v) for v in r)) for r in LOGITS]
+    assert z.item() == pytest.approx(sum(v * v for v in lse) / 3, rel=1e-6)
+
+
+def test_stats_of_split_batch_sum_to_whole_batch_losses():
+    # the parallel issue relies on this: aux/z from summed shard stats equal the whole-batch values
+    torch.manual_seed(0)
+    router = Router(8, 6, 2, "softmax", True)
+    x = torch.randn(10, 8)
+    def stats(xs):
+        r = router(xs)
+        return routing_stats(r, permute(r.experts_TK, 6, None))
+    whole = balance_losses(stats(x), 6, 2)
+    split = balance_losses(stats(x[:4]) + stats(x[4:]), 6, 2)
+    assert torch.allclose(torch.stack(whole), torch.stack(split), rtol=1e-6)
+
+
+def test_permute_dropless_groups_by_expert_in_token_order():
+    experts_TK = torch.tensor([[1, 0], [1, 2], [0, 1]])
+    perm = permute(experts_TK, 3, capacity=None)
+    assert perm.order_R.tolist() == [1, 4, 0, 2, 5, 3]
+    assert perm.counts_E.tolist() == [2, 3, 1]
+
+
+def test_capacity_drops_latest_tokens_first():
+    # expert 1 is chosen by tokens 0, 1, 2, 3 (choice 0); capacity 2 keeps tokens 0, 1
+    experts_TK = torch.tensor([[1, 0], [1, 2], [1, 0], [1, 2]])
+    capacity = capacity_per_group(tokens_per_group=4, top_k=2, num_experts=4, factor=1.0)
+    assert capacity == 2
+    perm = permute(experts_TK, 4, capacity=capacity)
+    kept = sorted(perm.order_R.tolist())
+    # assignments (token*2+choice): expert1 -> 0,2 kept; 4,6 dropped; expert0 -> 1,5; expert2 -> 3,7
+    assert kept == [0, 1, 2, 3, 5, 7]
+    assert perm.num_dropped.item() == 2
+    assert perm.counts_E.tolist() == [2, 2, 2, 0]
+
+
+def test_capacity_applies_per_group():
+    experts_TK = torch.tensor([[1], [1], [1], [1]])
+    one_group = permute(experts_TK, 2, capacity=1, groups=1)
+    two_groups = permute(experts_TK, 2, capacity=1, groups=2)
+    assert one_group.order_R.tolist() == [0]
+    assert two_groups.order_R.tolist() == [0, 2]  # first token of each group
+
+
+def test_combine_weights_and_sums_choices():
+    y_RD = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    order_R = torch.tensor([3, 0, 1])
+    weights_TK = torch.tensor([[0.5, 0.25], [0.1, 0.9]])
+    out = combine(y_RD, order_R, weights_TK)
+    # token0: slots 0 (row1, w .5) and 1 (row2, w .25); token1: slot 3 (row0, w .9), slot 2 dropped
+    torch.testing.assert_close(out, torch.tensor([[1.75, 1.75], [0.9, 0.9]]))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 10, 0], [0, 0, 0, 0]])
+def test_grouped_mm_equals_per_expert_loop_fwd_bwd(counts):
+    torch.manual_seed(1)
+    E, D, F = 4, 8, 12
+    R = sum(counts)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(R, D, requires_grad=True)
+    w = torch.randn(E, D, F, requires_grad=True)
+    grad = torch.randn(R, F)
+    y = grouped_mm(x, w, offsets)
+    y.backward(grad)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    bounds = [0] + offsets.tolist()
+    ref = torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(E)])
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-6, atol=1e-6)
+    for e in range(E):
+        if counts[e] == 0:
+            assert gw[e].abs().max() == 0
+    y2 = grouped_mm_loop(x, w, offsets)
+    torch.testing.assert_close(y2, ref)
+
+
+def test_grouped_mm_accepts_stride0_gradient():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(2, 8, 8, requires_grad=True)
+    grouped_mm(x, w, torch.tensor([2, 6], dtype=torch.int32)).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_dropless_identical_experts_equal_dense_swiglu(router):
+    torch.manual_seed(0)
+    D, F_, E = 16, 32, 4
+    moe = MoE(D, E, 2, F_, router, renormalize=True, num_shared_experts=0, dispatch="dropless", capacity_factor=1.0)
+    dense = SwiGLU(D, F_)
+    with torch.no_grad():
+        moe.router.gate.weight.normal_()
+        moe.experts.w1_EDF.copy_(dense.w1.weight.t().expand(E, D, F_))
+        moe.experts.w3_EDF.copy_(dense.w3.weight.t().expand(E, D, F_))
+        moe.experts.w2_EFD.copy_(dense.w2.weight.t().expand(E, F_, D))
+    x = torch.randn(3, 5, D)
+    y, _, _ = moe(x)
+    torch.testing.assert_close(y, dense(x), rtol=1e-6, atol=1e-6)
+
+
+def test_shared_expert_adds_dense_path():
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 1, 16, "softmax", True, num_shared_experts=2, dispatch="dropless", capacity_factor=1.0)
+    x = torch.randn(2, 3, 8)
+    y, _, _ = moe(x)
+    with torch.no_grad():
+        moe.experts.w2_EFD.zero_()
+    y_shared_only, _, _ = moe(x)
+    torch.testing.assert_close(y_shared_only, moe.shared(x))
+    assert not torch.allclose(y, y_shared_only)
+
+
+def test_capacity_mode_zero_output_for_dropped_tokens():
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 1, 16, "softmax", True, 0, "capacity", capacity_factor=0.25)
+    with torch.no_grad():  # every token to expert 2
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[2] = 1.0
+    x = torch.randn(1, 16, 8).abs()
+    y, _, _ = moe(x)
+    capacity = capacity_per_group(16, 1, 4, 0.25)  # 1
+    assert capacity == 1
+    assert y[0, 0].abs().sum() > 0 and y[0, 1:].abs().sum() == 0
+    load, dropped = moe.expert_load()
+    assert load.tolist() == [0, 0, 1, 0] and dropped == pytest.approx(15 / 16)
