@@ -13,7 +13,7 @@ from moemesh.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user error
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +32,11 @@ def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from moemesh.config import load_config
-        from moemesh.launch import train_command
 
-        return train_command(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        from moemesh.launch import train_command  # imports torch: after the config is known to be valid
+
+        return train_command(cfg)
     raise AssertionError(args.command)
 
 

@@ -218,7 +218,10 @@ def _build_bin(path: str, token_dtype: str, vocab_size: int, seq_len: int, seed:
         raise UserError(f"data.path={path}: {size} bytes is not a multiple of {dtype.itemsize} "
                         f"(data.token_dtype={token_dtype}); is it a {token_dtype} .bin file?")
     _check_length(path, size // dtype.itemsize, seq_len)
-    tokens_N = np.memmap(path, dtype=dtype, mode="r")
+    try:
+        tokens_N = np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise UserError(f"data.path={path}: cannot read it ({exc.__class__.__name__}: {exc.strerror})") from None
     max_id = _max_token(tokens_N)
     if max_id >= vocab_size:
         raise UserError(f"data.path={path} holds token id {max_id} >= model.vocab_size={vocab_size} "
