@@ -307,6 +307,11 @@ def _validate_layout(cfg: Config) -> None:
             raise ConfigError(message)
 
 
+def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Inverse of `Config.to_dict` for an already validated config (e.g. handed to worker processes)."""
+    return Config(**{section: _SECTION_TYPES[section](**fields_) for section, fields_ in values.items()})
+
+
 def to_toml(cfg: Config) -> str:
     """Serialize a Config (flat sections of scalars) as TOML that `load_config` reads back."""
     lines: list[str] = []

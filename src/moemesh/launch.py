@@ -1,13 +1,122 @@
-"""How `moemesh train` runs: in this process, or as a mesh of processes."""
+"""How `moemesh train` runs: in this process (dp*ep*tp == 1), as a local mesh of processes that it
+starts itself through torch.distributed's elastic launcher (as torchrun does), or as one rank of a
+world that torchrun (one or many nodes) started.
+
+Every check of user input runs before any process group exists. Workers end with a barrier, destroy
+the process group and leave without interpreter teardown: gloo can abort at exit otherwise (ENV_NOTES).
+"""
 
 from __future__ import annotations
 
-from moemesh.config import Config
-from moemesh.train.loop import create_run_dir, preflight, train
+import os
+import socket
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from moemesh.config import Config, ParallelConfig, config_from_dict
+from moemesh.errors import UserError
+from moemesh.parallel.comm import CollectiveMismatch
+from moemesh.parallel.mesh import Mesh
+from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def train_command(cfg: Config) -> int:
     source = preflight(cfg)
+    world = cfg.parallel.world_size
+    if under_torchrun():
+        given = int(os.environ["WORLD_SIZE"])
+        if given != world:
+            raise UserError(f"torchrun started {given} processes but parallel.dp*ep*tp = "
+                            f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
+        resolve_device(cfg)
+        run_dir = create_run_dir(cfg) if int(os.environ["RANK"]) == 0 else Path(cfg.run.dir)
+        return _worker(cfg.to_dict(), str(run_dir), True)
+    device = resolve_device(cfg)
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
     run_dir = create_run_dir(cfg)
-    train(cfg, None, source, run_dir)
+    if world == 1:
+        train(cfg, None, source, run_dir)
+        return 0
+    failed = launch_local(_worker, (cfg.to_dict(), str(run_dir), False), world, fork=device.type == "cpu")
+    if failed:
+        print(f"moemesh: error: {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def launch_local(fn: Callable[..., Any], args: tuple, nprocs: int, fork: bool = True) -> str | None:
+    """Run fn(*args) in `nprocs` local ranks through the elastic launcher; None, or what failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                          monitor_interval=0.1, start_method="fork" if fork else "spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        codes = elastic_launch(config, fn)(*args)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+    failed = {rank: code for rank, code in codes.items() if code != 0}
+    if failed:
+        return f"rank(s) {sorted(failed)} of {nprocs} failed (exit code {sorted(set(failed.values()))}); see above"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_mesh(parallel: ParallelConfig, device_type: str) -> Mesh:
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=parallel.timeout_s))
+    mesh = Mesh(parallel.dp, parallel.ep, parallel.tp, device_type, parallel.check_collectives, parallel.timeout_s)
+    mesh.trace.start_watchdog(mesh.rank)
+    return mesh
+
+
+def finish(code: int, exit_process: bool) -> int:
+    """After success wait for every rank and destroy the process group; then leave without interpreter
+    teardown: by os._exit here, or, under the elastic launcher's forked workers, by returning the code
+    to it (its children end through os._exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if exit_process:
+        os._exit(code)
+    return code
+
+
+def _worker(cfg_dict: dict[str, Any], run_dir: str, exit_process: bool) -> int:
+    cfg = config_from_dict(cfg_dict)
+    code = 0
+    try:
+        mesh = init_mesh(cfg.parallel, resolve_device(cfg).type)
+        train(cfg, mesh, None, Path(run_dir))
+    except CollectiveMismatch as exc:
+        if dist.get_rank() == 0:  # every rank sees the same mismatch
+            print(f"moemesh: error: {exc}", file=sys.stderr)
+        code = 3
+    except Exception:  # a programmer error: show where, on this rank
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    return finish(code, exit_process)

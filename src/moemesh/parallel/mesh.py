@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from moemesh.parallel.comm import AxisComm, CollectiveTrace
+
 AXES = ("data", "expert", "model")
 
 
@@ -33,7 +35,8 @@ def coordinates_of(rank: int, ep: int, tp: int) -> Coordinates:
 class Mesh:
     """Owns the DeviceMesh; hands out named groups. Build after `dist.init_process_group`."""
 
-    def __init__(self, dp: int, ep: int, tp: int, device_type: str):
+    def __init__(self, dp: int, ep: int, tp: int, device_type: str, check_collectives: bool = False,
+                 timeout_s: float = 300.0):
         assert dist.is_initialized() and dist.get_world_size() == dp * ep * tp
         self.dp, self.ep, self.tp = dp, ep, tp
         self.device_mesh: DeviceMesh = init_device_mesh(device_type, (dp, ep, tp), mesh_dim_names=AXES)
@@ -45,6 +48,10 @@ class Mesh:
         # Keep the flattened mesh object: re-slicing the root would build new groups (ENV_NOTES.md).
         self.data_expert_mesh = self.device_mesh["data", "expert"]._flatten()
         self.data_expert_group = self.data_expert_mesh.get_group()
+        self.trace = CollectiveTrace(check=check_collectives, timeout_s=timeout_s)
+        self.comms = {axis: AxisComm(axis, self.group(axis), self.trace)
+                      for axis in ("data", "expert", "model", "data_expert")}
+        self.comms["world"] = AxisComm("world", dist.group.WORLD, self.trace)
 
     @property
     def world_size(self) -> int:
@@ -58,6 +65,13 @@ class Mesh:
     @property
     def num_batch_shards(self) -> int:
         return self.dp * self.ep
+
+    def comm(self, axis: str) -> AxisComm:
+        return self.comms[axis]
+
+    def size(self, axis: str) -> int:
+        return {"data": self.dp, "expert": self.ep, "model": self.tp, "data_expert": self.dp * self.ep,
+                "world": self.world_size}[axis]
 
     def group(self, axis: str):
         return {"data": self.data_group, "expert": self.expert_group, "model": self.model_group,

@@ -62,9 +62,40 @@ def create_run_dir(cfg: Config) -> Path:
 def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> Transformer:
     """Same initial weights at every layout: the full model is built from the seed, then sharded."""
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    parallelize(model, mesh, cfg.parallel)
-    return model.to(device)
+    model = Transformer(cfg.model).to(device)
+    return parallelize(model, mesh, cfg.parallel)
+
+
+class Trainer:
+    """One model, optimizer and data stream; `step(n)` runs optimizer step n (1-based) on this rank."""
+
+    def __init__(self, cfg: Config, mesh: Mesh | None, source: TokenSource, device: torch.device):
+        self.cfg, self.mesh, self.source, self.device = cfg, mesh, source, device
+        self.model = build_model(cfg, device, mesh)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.amp_dtype = autocast_dtype(cfg, device)
+        self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr)."""
+        cfg, model = self.cfg, self.model
+        if self.mesh is not None:
+            self.mesh.trace.step = step
+        batch_BS = shard_batch(self.source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len),
+                               self.shard, self.num_shards).to(self.device)
+        lr = lr_at(step, cfg.train)
+        set_lr(self.optimizer, lr)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
+            out = model(batch_BS[:, :-1], batch_BS[:, 1:])
+        out.loss.backward()
+        sync_gradients(model, self.mesh)
+        grad_norm = clip_grad_norm(model, cfg.train.grad_clip, self.mesh)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for moe in model.moe_layers():
+            moe.router.update_bias(moe.last_stats[: moe.num_experts], cfg.model.bias_update_rate)
+        losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach()
+        return mean_over_batch(losses, self.mesh), grad_norm, lr
 
 
 def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = None,
@@ -75,30 +106,14 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     is_main = mesh is None or mesh.rank == 0
     if is_main and run_dir is None:
         run_dir = create_run_dir(cfg)
-    model = build_model(cfg, device, mesh)
-    optimizer = build_optimizer(model, cfg.train)
-    amp_dtype = autocast_dtype(cfg, device)
+    trainer = Trainer(cfg, mesh, source, device)
     writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
-    shard, num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    history: list[float] = []
+    history: list[torch.Tensor] = []
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
     try:
         for step in range(1, cfg.train.steps + 1):
-            batch_BS = shard_batch(source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len),
-                                   shard, num_shards).to(device)
-            lr = lr_at(step, cfg.train)
-            set_lr(optimizer, lr)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                out = model(batch_BS[:, :-1], batch_BS[:, 1:])
-            out.loss.backward()
-            sync_gradients(model, mesh)
-            grad_norm = clip_grad_norm(model, cfg.train.grad_clip, mesh)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for moe in model.moe_layers():
-                moe.router.update_bias(moe.last_stats[: moe.num_experts], cfg.model.bias_update_rate)
-            losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), mesh)
+            losses, grad_norm, lr = trainer.step(step)
             history.append(losses[1])
             window_steps += 1
             if step % cfg.run.log_every == 0 or step == cfg.train.steps:
@@ -106,7 +121,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 tokens_per_s = tokens_per_step * window_steps / (now - window_start)
                 window_start, window_steps = now, 0
                 if writer is not None:
-                    writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, model))
+                    writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model))
     finally:
         if writer is not None:
             writer.close()
@@ -116,6 +131,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         "steps": cfg.train.steps, "elapsed_s": elapsed, "tokens_per_s": tokens_per_step * cfg.train.steps / elapsed,
         "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
         "gap_to_floor": None if source.entropy_floor is None else tail / source.entropy_floor - 1,
+        "layout": {"dp": cfg.parallel.dp, "ep": cfg.parallel.ep, "tp": cfg.parallel.tp},
     }
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
