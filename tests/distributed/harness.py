@@ -1,0 +1,117 @@
+"""Runs many layouts inside one launch of `world` gloo ranks (launch cost dominates on 2 cores).
+
+For each case every rank trains `steps` AdamW steps at the case's (dp, ep, tp); rank 0 also trains the
+single-process reference on the same global batches (with capacity applied per micro-batch, as each
+rank does) and compares per-step losses and the gathered full parameters. Results go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moemesh.config import load_config
+from moemesh.launch import finish
+from moemesh.parallel.apply import gather_full_state
+from moemesh.parallel.comm import CollectiveMismatch
+from moemesh.parallel.mesh import Mesh
+from moemesh.train.data import build_source
+from moemesh.train.loop import Trainer
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Case:
+    name: str
+    layout: tuple[int, int, int]
+    overrides: list[str] = field(default_factory=list)
+    steps: int = 4
+    force_expert: int | None = None  # route every token to this expert (imbalance case)
+    skip_stats_on_rank: int | None = None  # planted collective-order bug (with check_collectives)
+
+
+def _config(case: Case, layout: tuple[int, int, int]):
+    dp, ep, tp = layout
+    # warmup_steps=1: full learning rate from step 1, so parameters move well beyond rounding noise
+    return load_config("tiny", ["train.warmup_steps=1", "train.lr=1e-3", *case.overrides, f"train.steps={case.steps}", f"parallel.dp={dp}",
+                                f"parallel.ep={ep}", f"parallel.tp={tp}", "run.progress=false"])
+
+
+def _force_routing(trainer: Trainer, expert: int) -> None:
+    with torch.no_grad():
+        for moe in trainer.model.moe_layers():
+            moe.router.gate.weight.zero_()
+            moe.router.gate.weight.requires_grad_(False)
+            moe.router.expert_bias[expert] = 1e3 if moe.router.kind == "sigmoid" else 0.0
+            if moe.router.kind == "softmax":
+                moe.router.gate.register_forward_hook(
+                    lambda mod, args, out, e=expert: out + torch.nn.functional.one_hot(
+                        torch.tensor(e), out.shape[-1]).to(out.dtype) * 1e3)
+
+
+def _run(case: Case, mesh: Mesh | None, layout) -> tuple[list[list[float]], dict, list]:
+    cfg = _config(case, layout)
+    source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    trainer = Trainer(cfg, mesh, source, CPU)
+    if mesh is None:  # reference: capacity per micro-batch of the layout being checked
+        for moe in trainer.model.moe_layers():
+            moe.capacity_groups = case.layout[0] * case.layout[1]
+    if case.force_expert is not None:
+        _force_routing(trainer, case.force_expert)
+    if mesh is not None and case.skip_stats_on_rank == mesh.rank:
+        trainer.model.moe_layers()[0].stats_reducer = lambda stats: stats
+    losses, dropped = [], []
+    for step in range(1, case.steps + 1):
+        step_losses, grad_norm, _ = trainer.step(step)
+        losses.append([*step_losses.tolist(), float(grad_norm)])  # grad norm: Adam hides grad-scale bugs
+        dropped.append([moe.expert_load()[1] for moe in trainer.model.moe_layers()])
+    return losses, gather_full_state(trainer.model, mesh), dropped
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare_case(case: Case, rank: int) -> dict:
+    dp, ep, tp = case.layout
+    cfg = _config(case, case.layout)
+    mesh = Mesh(dp, ep, tp, "cpu", check_collectives=cfg.parallel.check_collectives, timeout_s=60)
+    result = {"name": case.name, "layout": list(case.layout)}
+    try:
+        losses, state, dropped = _run(case, mesh, case.layout)
+    except CollectiveMismatch as exc:
+        return {**result, "mismatch": str(exc)}
+    if rank != 0:
+        return result
+    ref_losses, ref_state, ref_dropped = _run(case, None, (1, 1, 1))
+    loss_err = max(abs(a - b) / max(abs(b), 1e-30) for row, ref in zip(losses, ref_losses)
+                   for a, b in zip(row, ref))
+    param_errs = {name: _rel(state[name], ref_state[name]) for name in ref_state}
+    worst = max(param_errs, key=param_errs.get)
+    return {**result, "losses": losses, "ref_losses": ref_losses, "loss_rel_err": loss_err,
+            "param_rel_err": param_errs[worst], "worst_param": worst,
+            "names_match": sorted(state) == sorted(ref_state),
+            "dropped": dropped, "ref_dropped": ref_dropped}
+
+
+def run_cases(cases: list[Case], out_path: str) -> int:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = []
+    code = 0
+    try:
+        for case in cases:
+            results.append(compare_case(case, rank))
+            dist.barrier()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    return finish(code, exit_process=False)
