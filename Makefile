@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moemesh train
+	$(VENV)/bin/moemesh train --set parallel.dp=2 --set parallel.ep=2 --set parallel.tp=2
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -183,7 +183,10 @@ def _apply_table(cfg: Config, table: dict[str, Any], origin: str) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table [{section}]")
         for key, value in values.items():
-            _set_field(cfg, f"{section}.{key}", value)
+            try:
+                _set_field(cfg, f"{section}.{key}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: {exc}") from None
 
 
 def _apply_override(cfg: Config, item: str) -> None:

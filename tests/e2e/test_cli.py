@@ -87,9 +87,7 @@ CASES = [
     pytest.param(["--set", "run.dir=afile"], {"afile": b"x"}, ["run.dir=afile", "not a directory"],
                  id="run-dir-is-file"),
     pytest.param(["--set", "run.dir=new/" + "x" * 300 + "/run"], {}, ["run.dir=new/", "not writable"],
-                 id="run-dir-name-too-long",
-                 marks=pytest.mark.xfail(strict=True, reason="train.loop.create_run_dir removes the run dir on "
-                                         "failure but not the parents (here new/) that mkdir(parents=True) made")),
+                 id="run-dir-name-too-long"),
     pytest.param(["--set", "run.dir=/proc/moemesh-e2e-run"], {}, ["run.dir=/proc/moemesh-e2e-run", "not writable"],
                  id="run-dir-in-proc", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")),
 ]

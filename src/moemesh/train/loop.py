@@ -44,17 +44,17 @@ def preflight(cfg: Config) -> TokenSource:
 
 
 def create_run_dir(cfg: Config) -> Path:
-    """Create the run dir and write config.toml; on failure leave nothing behind."""
+    """Create the run dir and write config.toml; on failure remove every folder this call created."""
     run_dir = Path(cfg.run.dir)
-    existed = run_dir.exists()
-    if existed and not run_dir.is_dir():
+    if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.dir={cfg.run.dir}: exists and is not a directory")
+    first_new = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     except OSError as exc:
-        if not existed:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
         raise UserError(f"run.dir={cfg.run.dir}: not writable ({exc.strerror or exc})") from None
     return run_dir
 
