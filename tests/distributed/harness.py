@@ -8,6 +8,7 @@ rank does) and compares per-step losses and the gathered full parameters. Result
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -22,8 +23,6 @@ from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import build_source
 from moemesh.train.loop import Trainer
 
-CPU = torch.device("cpu")
-
 
 @dataclass
 class Case:
@@ -33,12 +32,13 @@ class Case:
     steps: int = 4
     force_expert: int | None = None  # route every token to this expert (imbalance case)
     skip_stats_on_rank: int | None = None  # planted collective-order bug (with check_collectives)
+    repeat_reference: bool = False  # also run the reference twice: the run-to-run noise floor
 
 
 def _config(case: Case, layout: tuple[int, int, int]):
     dp, ep, tp = layout
     # warmup_steps=1: full learning rate from step 1, so parameters move well beyond rounding noise
-    return load_config("tiny", ["train.warmup_steps=1", "train.lr=1e-3", *case.overrides, f"train.steps={case.steps}", f"parallel.dp={dp}",
+    return load_config("tiny", ["train.warmup_steps=1", "train.lr=5e-4", *case.overrides, f"train.steps={case.steps}", f"parallel.dp={dp}",
                                 f"parallel.ep={ep}", f"parallel.tp={tp}", "run.progress=false"])
 
 
@@ -54,10 +54,10 @@ def _force_routing(trainer: Trainer, expert: int) -> None:
                         torch.tensor(e), out.shape[-1]).to(out.dtype) * 1e3)
 
 
-def _run(case: Case, mesh: Mesh | None, layout) -> tuple[list[list[float]], dict, list]:
+def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[list[list[float]], dict, list]:
     cfg = _config(case, layout)
     source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
-    trainer = Trainer(cfg, mesh, source, CPU)
+    trainer = Trainer(cfg, mesh, source, device)
     if mesh is None:  # reference: capacity per micro-batch of the layout being checked
         for moe in trainer.model.moe_layers():
             moe.capacity_groups = case.layout[0] * case.layout[1]
@@ -77,36 +77,45 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def compare_case(case: Case, rank: int) -> dict:
+def compare_case(case: Case, rank: int, device: torch.device) -> dict:
     dp, ep, tp = case.layout
     cfg = _config(case, case.layout)
-    mesh = Mesh(dp, ep, tp, "cpu", check_collectives=cfg.parallel.check_collectives, timeout_s=60)
+    mesh = Mesh(dp, ep, tp, device.type, check_collectives=cfg.parallel.check_collectives, timeout_s=60)
     result = {"name": case.name, "layout": list(case.layout)}
     try:
-        losses, state, dropped = _run(case, mesh, case.layout)
+        losses, state, dropped = _run(case, mesh, case.layout, device)
     except CollectiveMismatch as exc:
         return {**result, "mismatch": str(exc)}
     if rank != 0:
         return result
-    ref_losses, ref_state, ref_dropped = _run(case, None, (1, 1, 1))
+    ref_losses, ref_state, ref_dropped = _run(case, None, (1, 1, 1), device)
     loss_err = max(abs(a - b) / max(abs(b), 1e-30) for row, ref in zip(losses, ref_losses)
                    for a, b in zip(row, ref))
-    param_errs = {name: _rel(state[name], ref_state[name]) for name in ref_state}
+    param_errs = {name: _rel(state[name].float(), ref_state[name].float()) for name in ref_state}
     worst = max(param_errs, key=param_errs.get)
+    if case.repeat_reference:
+        _, again, _ = _run(case, None, (1, 1, 1), device)
+        result["reference_repeat_param_err"] = max(_rel(again[n].float(), ref_state[n].float()) for n in ref_state)
     return {**result, "losses": losses, "ref_losses": ref_losses, "loss_rel_err": loss_err,
-            "param_rel_err": param_errs[worst], "worst_param": worst,
+            "param_rel_err": param_errs[worst], "worst_param": worst, "param_errs": param_errs,
             "names_match": sorted(state) == sorted(ref_state),
             "dropped": dropped, "ref_dropped": ref_dropped}
 
 
-def run_cases(cases: list[Case], out_path: str) -> int:
-    dist.init_process_group("gloo")
+def run_cases(cases: list[Case], out_path: str, device_type: str = "cpu") -> int:
+    """One rank's part: gloo on CPU, NCCL with one GPU per rank on CUDA."""
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
     results = []
     code = 0
     try:
         for case in cases:
-            results.append(compare_case(case, rank))
+            results.append(compare_case(case, rank, device))
             dist.barrier()
     except Exception:
         traceback.print_exc()

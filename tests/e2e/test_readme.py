@@ -13,13 +13,17 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 _ROW = re.compile(r"^\| (\w+) \| `(\w+)` \| ([^|]+) \|")
 
 
+README_DEMO_LINE = ("make demo    # creates .venv, installs moemesh with torch==2.13.0, trains the default tiny MoE "
+                    "on an 8-process 2×2×2 CPU mesh")
+
+
 def test_readme_opens_with_make_demo_and_make_test():
     lines = README.read_text().splitlines()
     assert lines[0].startswith("# ")
     assert lines[1:6] == [
         "",
         "```",
-        "make demo    # creates .venv, installs moemesh with torch==2.13.0, trains the default tiny MoE",
+        README_DEMO_LINE,
         "make test    # same set-up, then the test suite",
         "```",
     ]

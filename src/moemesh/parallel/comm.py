@@ -36,6 +36,7 @@ class CollectiveTrace:
 
     check: bool = False
     timeout_s: float = 300.0
+    device: torch.device = torch.device("cpu")  # where fingerprints live (CUDA under NCCL)
     step: int = 0
     layer: str = "-"
     count: int = 0
@@ -109,9 +110,9 @@ class AxisComm:
 
 def _compare_fingerprints(trace: CollectiveTrace, op: str, axis: str, shape: tuple[int, ...], what: str) -> None:
     digest = hashlib.blake2b(f"{op}|{axis}|{shape}".encode(), digest_size=7).digest()
-    mine = torch.tensor([trace.count, int.from_bytes(digest, "little")], dtype=torch.int64)
+    mine = torch.tensor([trace.count, int.from_bytes(digest, "little")], dtype=torch.int64, device=trace.device)
     world = dist.get_world_size()
-    everyone = torch.empty(world * 2, dtype=torch.int64)
+    everyone = torch.empty(world * 2, dtype=torch.int64, device=trace.device)
     _all_gather_single(everyone, mine)  # on the default group, which has the world's backend
     rows = everyone.view(world, 2).tolist()
     if all(row == rows[0] for row in rows):

@@ -13,18 +13,17 @@ Both then equal the gradient of the global-batch mean loss.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from moemesh.parallel.comm import AxisComm
 from moemesh.parallel.mesh import Mesh
 
 
-def _all_reduce_coalesced(grads: list[torch.Tensor], group, scale: float) -> None:
+def _all_reduce_coalesced(grads: list[torch.Tensor], comm: AxisComm, scale: float) -> None:
     if not grads:
         return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
+    flat = comm.all_reduce(_flatten_dense_tensors(grads))
     if scale != 1.0:
         flat.mul_(scale)
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
@@ -37,14 +36,14 @@ def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
     params = [p for p in model.parameters() if p.grad is not None]
     partial = [p.grad for p in params if getattr(p, "_mm_partial", False)]
     if mesh.tp > 1:
-        _all_reduce_coalesced(partial, mesh.model_group, 1.0)
+        _all_reduce_coalesced(partial, mesh.comm("model"), 1.0)
     shards = mesh.dp * mesh.ep
     dense = [p.grad for p in params if not getattr(p, "_mm_expert", False)]
     expert = [p.grad for p in params if getattr(p, "_mm_expert", False)]
     if shards > 1:
-        _all_reduce_coalesced(dense, mesh.data_expert_group, 1.0 / shards)
+        _all_reduce_coalesced(dense, mesh.comm("data_expert"), 1.0 / shards)
     if mesh.dp > 1 or mesh.ep > 1:
-        _all_reduce_coalesced(expert, mesh.data_group, 1.0 / shards)
+        _all_reduce_coalesced(expert, mesh.comm("data"), 1.0 / shards)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
@@ -55,7 +54,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torc
     for grad, replicas in grads:
         sumsq += grad.float().pow(2).sum() / replicas
     if mesh is not None:
-        dist.all_reduce(sumsq)
+        sumsq = mesh.comm("world").all_reduce(sumsq)
     norm = sumsq.sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -67,6 +66,4 @@ def mean_over_batch(values: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
     """Average per-micro-batch values (losses) over data x expert: the global-batch value."""
     if mesh is None or mesh.num_batch_shards == 1:
         return values
-    values = values.clone()
-    dist.all_reduce(values, group=mesh.data_expert_group)
-    return values / mesh.num_batch_shards
+    return mesh.comm("data_expert").all_reduce(values) / mesh.num_batch_shards

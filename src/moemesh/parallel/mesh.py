@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -48,7 +49,8 @@ class Mesh:
         # Keep the flattened mesh object: re-slicing the root would build new groups (ENV_NOTES.md).
         self.data_expert_mesh = self.device_mesh["data", "expert"]._flatten()
         self.data_expert_group = self.data_expert_mesh.get_group()
-        self.trace = CollectiveTrace(check=check_collectives, timeout_s=timeout_s)
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.trace = CollectiveTrace(check=check_collectives, timeout_s=timeout_s, device=device)
         self.comms = {axis: AxisComm(axis, self.group(axis), self.trace)
                       for axis in ("data", "expert", "model", "data_expert")}
         self.comms["world"] = AxisComm("world", dist.group.WORLD, self.trace)

@@ -1,0 +1,47 @@
+"""Collect bench/gpu_mesh.sh outputs into gpu_mesh.json (parity errors, tokens/s per layout)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(out: Path, command: str) -> None:
+    parity = json.loads((out / "parity.json").read_text())
+    rows = []
+    for r in parity:
+        if "loss_rel_err" not in r:
+            rows.append({"name": r["name"], "error": r})
+            continue
+        grad_err = max(abs(a[4] - b[4]) / b[4] for a, b in zip(r["losses"], r["ref_losses"]))
+        rows.append({"name": r["name"], "layout": r["layout"], "loss_rel_err": r["loss_rel_err"],
+                     "grad_norm_rel_err": grad_err, "param_rel_err": r["param_rel_err"],
+                     "worst_param": r["worst_param"], "lm_loss_first_last": [r["losses"][0][1], r["losses"][-1][1]]})
+    throughput = {}
+    for name in ("gpu1", "ep2", "tp2", "dp2", "tp2-sp"):
+        summary = out / name / "summary.json"
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            throughput[name] = {"tokens_per_s": s["tokens_per_s"], "final_lm_loss": s["final_lm_loss"],
+                                "layout": s.get("layout")}
+    base = throughput.get("gpu1", {}).get("tokens_per_s")
+    for entry in throughput.values():
+        entry["ratio_to_1gpu"] = entry["tokens_per_s"] / base if base else None
+    gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip().splitlines()
+    report = {"command": command, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "gpus": gpus, "parity": rows, "throughput_gpu_preset_40_steps": throughput,
+              "note": "tokens/s include start-up steps (40 steps, whole-run average); a ratio is only "
+                      "a first look at scaling, not a tuned figure"}
+    (out / "gpu_mesh.json").write_text(json.dumps(report, indent=2) + "\n")
+    for row in rows:
+        print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
+    print(json.dumps(throughput, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
