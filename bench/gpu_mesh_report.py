@@ -10,6 +10,15 @@ from pathlib import Path
 
 import torch
 
+# fp32: the 1e-5. bf16: unit roundoff is 2^-8 ~ 3.9e-3; layouts round different partial sums
+# to bf16 (TP partial outputs before their all-reduce, DP half batches), so every op differs by O(u)
+# and losses (means over thousands of tokens) stay within ~u: 5e-3. Adam turns O(u) gradient noise
+# into parameter noise of a few percent of the update: 5e-2. The sigmoid router's expert_bias moves
+# by +-rate on the sign of (mean load - load), a discrete decision that flips on near-tied loads under
+# bf16 noise, so it is reported but not held to a relative tolerance.
+TOLERANCE = {"float32": {"loss": 1e-5, "param": 1e-5}, "bfloat16": {"loss": 5e-3, "param": 5e-2}}
+DISCRETE = ("expert_bias",)
+
 
 def main(out: Path, command: str) -> None:
     parity = json.loads((out / "parity.json").read_text())
@@ -19,9 +28,15 @@ def main(out: Path, command: str) -> None:
             rows.append({"name": r["name"], "error": r})
             continue
         grad_err = max(abs(a[4] - b[4]) / b[4] for a, b in zip(r["losses"], r["ref_losses"]))
-        rows.append({"name": r["name"], "layout": r["layout"], "loss_rel_err": r["loss_rel_err"],
-                     "grad_norm_rel_err": grad_err, "param_rel_err": r["param_rel_err"],
-                     "worst_param": r["worst_param"], "lm_loss_first_last": [r["losses"][0][1], r["losses"][-1][1]]})
+        continuous = {k: v for k, v in r["param_errs"].items() if not k.endswith(DISCRETE)}
+        worst = max(continuous, key=continuous.get)
+        tol = TOLERANCE[r["name"].split("-")[0]]
+        ok = r["loss_rel_err"] <= tol["loss"] and grad_err <= tol["loss"] and continuous[worst] <= tol["param"]
+        rows.append({"name": r["name"], "layout": r["layout"], "pass": ok, "tolerance": tol,
+                     "loss_rel_err": r["loss_rel_err"], "grad_norm_rel_err": grad_err,
+                     "param_rel_err": continuous[worst], "worst_param": worst,
+                     "discrete_param_errs": {k: v for k, v in r["param_errs"].items() if k.endswith(DISCRETE)},
+                     "lm_loss_first_last": [r["losses"][0][1], r["losses"][-1][1]]})
     throughput = {}
     for name in ("gpu1", "ep2", "tp2", "dp2", "tp2-sp"):
         summary = out / name / "summary.json"
