@@ -130,42 +130,20 @@ def _compare_fingerprints(trace: CollectiveTrace, op: str, axis: str, shape: tup
 
 # --- autograd-aware wrappers (Megatron's f / g and the sequence-parallel pair) ---
 
-class _CopyToGroup(torch.autograd.Function):
-    """Forward identity, backward all-reduce (sum): enter a region that computes partial input grads."""
+class _AllReduce(torch.autograd.Function):
+    """All-reduce (sum) in the forward pass, the backward pass, or both:
+    forward only  = Megatron's g (sum partial outputs; the gradient is already whole);
+    backward only = Megatron's f (enter a region that produces partial input gradients);
+    both          = a global statistic that every rank's loss depends on."""
 
     @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad), None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """Forward all-reduce (sum) of partial outputs, backward identity."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        return comm.all_reduce(x)
+    def forward(ctx, x, comm, in_forward, in_backward):
+        ctx.comm, ctx.in_backward = comm, in_backward
+        return comm.all_reduce(x) if in_forward else x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _AllReduceBoth(torch.autograd.Function):
-    """Forward and backward all-reduce (sum): every rank's loss depends on the global sum."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return comm.all_reduce(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad), None
+        return (ctx.comm.all_reduce(grad) if ctx.in_backward else grad), None, None, None
 
 
 class _GatherAlongDim(torch.autograd.Function):
@@ -211,15 +189,15 @@ class _AllToAll(torch.autograd.Function):
 
 
 def copy_to_group(x, comm: AxisComm):
-    return _CopyToGroup.apply(x, comm)
+    return _AllReduce.apply(x, comm, False, True)
 
 
 def reduce_from_group(x, comm: AxisComm):
-    return _ReduceFromGroup.apply(x, comm)
+    return _AllReduce.apply(x, comm, True, False)
 
 
 def all_reduce_with_grad(x, comm: AxisComm):
-    return _AllReduceBoth.apply(x, comm)
+    return _AllReduce.apply(x, comm, True, True)
 
 
 def gather_along_dim(x, comm: AxisComm, dim: int, grad_is_partial: bool):
