@@ -120,6 +120,13 @@ def combine(y_RD: torch.Tensor, order_R: torch.Tensor, weights_TK: torch.Tensor)
     return slots_AD.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """The dtype autocast would compute in (grouped GEMM is not on autocast's lists)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class GroupedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored stacked for one grouped GEMM per projection."""
 
@@ -133,9 +140,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        dtype = torch.get_autocast_dtype(x_RD.device.type) if torch.is_autocast_enabled(x_RD.device.type) else x_RD.dtype
-        x_RD = x_RD.to(dtype)
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+        x_RD = to_compute_dtype(x_RD)
+        w1, w3, w2 = (w.to(x_RD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
         h_RF = F.silu(grouped_mm(x_RD, w1, offsets_E)) * grouped_mm(x_RD, w3, offsets_E)
         return grouped_mm(h_RF, w2, offsets_E)
 
