@@ -26,6 +26,9 @@ from moemesh.parallel.mesh import Mesh
 from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
 
 
+WATCHDOG_MARGIN_S = 30
+
+
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -62,16 +65,29 @@ def launch_local(fn: Callable[..., Any], args: tuple, nprocs: int, fork: bool = 
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-                          monitor_interval=0.1, start_method="fork" if fork else "spawn")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+                          monitor_interval=0.1, start_method="fork" if fork else "spawn", local_addr="127.0.0.1")
+    # Forking is only safe while no other thread of this process holds a lock. By default the workers
+    # join the agent's own TCPStore, whose server thread here does a reverse DNS lookup (getnameinfo)
+    # for each new connection, holding glibc's resolver lock, while this thread forks the next worker:
+    # that worker then hangs forever in its first lookup. With this, worker 0 hosts the workers' store.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     try:
-        codes = elastic_launch(config, fn)(*args)
+        codes = elastic_launch(config, _with_threads)(fn, threads, *args)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
     failed = {rank: code for rank, code in codes.items() if code != 0}
     if failed:
         return f"rank(s) {sorted(failed)} of {nprocs} failed (exit code {sorted(set(failed.values()))}); see above"
     return None
+
+
+def _with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
+    """Set this rank's intra-op threads, then run fn. A forked child keeps the thread count torch read
+    at import in the parent (all cores), so OMP_NUM_THREADS alone comes too late: 8 ranks x 2 threads
+    on 2 cores ran a step ~10x slower."""
+    torch.set_num_threads(threads)
+    return fn(*args)
 
 
 def _free_port() -> int:
@@ -84,7 +100,10 @@ def init_mesh(parallel: ParallelConfig, device_type: str) -> Mesh:
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=parallel.timeout_s))
+    # The process group's own timeout is a backstop, later than the watchdog's (which polls each second):
+    # at the same value gloo could raise first (1 run in 3 here) a bare "Timed out waiting 300000ms for
+    # recv" that names no step, layer, collective or group.
+    dist.init_process_group(backend, timeout=timedelta(seconds=parallel.timeout_s + WATCHDOG_MARGIN_S))
     mesh = Mesh(parallel.dp, parallel.ep, parallel.tp, device_type, parallel.check_collectives, parallel.timeout_s)
     mesh.trace.start_watchdog(mesh.rank)
     return mesh

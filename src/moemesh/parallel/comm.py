@@ -75,8 +75,10 @@ class AxisComm:
         if trace.check:
             _compare_fingerprints(trace, op, self.axis, shape, what)
         trace.waiting = (time.monotonic(), what)
-        fn()
-        trace.waiting = None
+        try:
+            fn()
+        finally:  # a collective that raised is no longer waited on: the watchdog must not report it later
+            trace.waiting = None
 
     # --- plain collectives (no autograd) ---
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
