@@ -248,17 +248,32 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+MAX_INT = 2**63 - 1  # every integer field must fit an int64 (torch seeds, tensor sizes)
+LIMITS = {"parallel.timeout_s": 7 * 24 * 3600}
+
+
+def _check_magnitude(key: str, value: float) -> None:
+    shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}...({len(str(value))} digits)"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={shown} must be a finite number")
+    limit = LIMITS.get(key, MAX_INT)
+    if isinstance(value, int) and abs(value) > limit:
+        raise ConfigError(f"{key}={shown} must be at most {limit}")
+
+
 def _validate(cfg: Config) -> None:
     for key, options in CHOICES.items():
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(options)}")
     for key in POSITIVE:
         value = _get(cfg, key)
-        if not (value > 0 and math.isfinite(value)):
+        _check_magnitude(key, value)
+        if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
     for key in NON_NEGATIVE:
         value = _get(cfg, key)
-        if not (value >= 0 and math.isfinite(value)):
+        _check_magnitude(key, value)
+        if not value >= 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     checks = [

@@ -23,6 +23,7 @@ from moemesh.config import Config, ParallelConfig, config_from_dict
 from moemesh.errors import UserError
 from moemesh.parallel.comm import CollectiveMismatch
 from moemesh.parallel.mesh import Mesh
+from moemesh.train.data import TokenSource
 from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
 
 
@@ -41,9 +42,8 @@ def train_command(cfg: Config) -> int:
         if given != world:
             raise UserError(f"torchrun started {given} processes but parallel.dp*ep*tp = "
                             f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
-        resolve_device(cfg)
         run_dir = create_run_dir(cfg) if int(os.environ["RANK"]) == 0 else Path(cfg.run.dir)
-        return _worker(cfg.to_dict(), str(run_dir), True)
+        return _worker(cfg.to_dict(), str(run_dir), True, source)
     device = resolve_device(cfg)
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
@@ -60,6 +60,7 @@ def train_command(cfg: Config) -> int:
 
 def launch_local(fn: Callable[..., Any], args: tuple, nprocs: int, fork: bool = True) -> str | None:
     """Run fn(*args) in `nprocs` local ranks through the elastic launcher; None, or what failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -70,12 +71,20 @@ def launch_local(fn: Callable[..., Any], args: tuple, nprocs: int, fork: bool = 
     # join the agent's own TCPStore, whose server thread here does a reverse DNS lookup (getnameinfo)
     # for each new connection, holding glibc's resolver lock, while this thread forks the next worker:
     # that worker then hangs forever in its first lookup. With this, worker 0 hosts the workers' store.
+    saved = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     try:
         codes = elastic_launch(config, _with_threads)(fn, threads, *args)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+    except SignalException as exc:  # Ctrl-C or SIGTERM reached the agent: workers are already stopped
+        raise KeyboardInterrupt from exc
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+        else:
+            os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = saved
     failed = {rank: code for rank, code in codes.items() if code != 0}
     if failed:
         return f"rank(s) {sorted(failed)} of {nprocs} failed (exit code {sorted(set(failed.values()))}); see above"
@@ -110,25 +119,29 @@ def init_mesh(parallel: ParallelConfig, device_type: str) -> Mesh:
 
 
 def finish(code: int, exit_process: bool) -> int:
-    """After success wait for every rank and destroy the process group; then leave without interpreter
-    teardown: by os._exit here, or, under the elastic launcher's forked workers, by returning the code
-    to it (its children end through os._exit)."""
+    """After success wait for every rank and destroy the process group, then leave without interpreter
+    teardown (os._exit), or, under the elastic launcher, return the code to it: it waits for every
+    rank's return value, and forked workers then end through os._exit (spawned ones tear down).
+    A failed rank always ends at once, so that the launcher stops its peers instead of leaving them
+    waiting in their next collective until the watchdog fires."""
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if exit_process:
+    if exit_process or code != 0:
         os._exit(code)
     return code
 
 
-def _worker(cfg_dict: dict[str, Any], run_dir: str, exit_process: bool) -> int:
+def _worker(cfg_dict: dict[str, Any], run_dir: str, exit_process: bool, source: TokenSource | None = None) -> int:
     cfg = config_from_dict(cfg_dict)
     code = 0
     try:
+        # Data before the process group: a slow file scan must not count against a peer's collective.
+        source = source or preflight(cfg, check_ids=False)
         mesh = init_mesh(cfg.parallel, resolve_device(cfg).type)
-        train(cfg, mesh, None, Path(run_dir))
+        train(cfg, mesh, source, Path(run_dir))
     except CollectiveMismatch as exc:
         if dist.get_rank() == 0:  # every rank sees the same mismatch
             print(f"moemesh: error: {exc}", file=sys.stderr)

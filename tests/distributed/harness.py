@@ -66,11 +66,14 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     if mesh is not None and case.skip_stats_on_rank == mesh.rank:
         trainer.model.moe_layers()[0].stats_reducer = lambda stats: stats
     losses, dropped = [], []
+    initial = gather_full_state(trainer.model, mesh)
     for step in range(1, case.steps + 1):
         step_losses, grad_norm, _ = trainer.step(step)
         losses.append([*step_losses.tolist(), float(grad_norm)])  # grad norm: Adam hides grad-scale bugs
         dropped.append([moe.expert_load()[1] for moe in trainer.model.moe_layers()])
-    return losses, gather_full_state(trainer.model, mesh), dropped
+    final = gather_full_state(trainer.model, mesh)
+    loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]
+    return losses, final, {"dropped": dropped, "load": loads, "initial": initial}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,23 +86,30 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
     mesh = Mesh(dp, ep, tp, device.type, check_collectives=cfg.parallel.check_collectives, timeout_s=60)
     result = {"name": case.name, "layout": list(case.layout)}
     try:
-        losses, state, dropped = _run(case, mesh, case.layout, device)
+        losses, state, extra = _run(case, mesh, case.layout, device)
     except CollectiveMismatch as exc:
         return {**result, "mismatch": str(exc)}
     if rank != 0:
         return result
-    ref_losses, ref_state, ref_dropped = _run(case, None, (1, 1, 1), device)
+    ref_losses, ref_state, ref_extra = _run(case, None, (1, 1, 1), device)
     loss_err = max(abs(a - b) / max(abs(b), 1e-30) for row, ref in zip(losses, ref_losses)
                    for a, b in zip(row, ref))
     param_errs = {name: _rel(state[name].float(), ref_state[name].float()) for name in ref_state}
     worst = max(param_errs, key=param_errs.get)
+    # Error relative to how far training moved each tensor: a tolerance on ||p|| alone can hide a
+    # layout that applies only part of the update when updates are small next to the weights.
+    update_errs = {name: float((state[name].float() - ref_state[name].float()).norm()
+                               / (ref_state[name].float() - ref_extra["initial"][name].float()).norm().clamp_min(1e-30))
+                   for name in ref_state if not name.endswith("expert_bias")}
+    worst_update = max(update_errs, key=update_errs.get)
     if case.repeat_reference:
         _, again, _ = _run(case, None, (1, 1, 1), device)
         result["reference_repeat_param_err"] = max(_rel(again[n].float(), ref_state[n].float()) for n in ref_state)
     return {**result, "losses": losses, "ref_losses": ref_losses, "loss_rel_err": loss_err,
             "param_rel_err": param_errs[worst], "worst_param": worst, "param_errs": param_errs,
+            "update_rel_err": update_errs[worst_update], "worst_update_param": worst_update,
             "names_match": sorted(state) == sorted(ref_state),
-            "dropped": dropped, "ref_dropped": ref_dropped}
+            "dropped": extra["dropped"], "ref_dropped": ref_extra["dropped"], "load": extra["load"]}
 
 
 def run_cases(cases: list[Case], out_path: str, device_type: str = "cpu") -> int:

@@ -92,6 +92,7 @@ def permute(experts_TK: torch.Tensor, num_experts: int, capacity: int | None, gr
     """Stage 1: order assignments by expert (stable, so token order within an expert), drop those past
     `capacity` within each of `groups` equal contiguous token groups (None: dropless)."""
     num_tokens, top_k = experts_TK.shape
+    assert num_tokens % groups == 0, f"{num_tokens} tokens do not split into {groups} capacity groups"
     flat_A = experts_TK.reshape(-1)
     if capacity is None:
         order_R = torch.argsort(flat_A, stable=True)

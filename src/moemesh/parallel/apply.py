@@ -66,7 +66,7 @@ def gather_full_state(model: nn.Module, mesh: Mesh | None) -> dict[str, torch.Te
         if mesh is not None:
             for axis, dim in reversed(getattr(param, "_mm_shards", [])):
                 full = mesh.comm(axis).all_gather(full, dim)
-        state[name] = full.contiguous()
+        state[name] = full.clone()  # a copy even when unsharded: never an alias of the live parameter
     for name, buffer in model.named_buffers(remove_duplicate=True):
         if not name.startswith("rope_"):
             state[name] = buffer.detach().clone()

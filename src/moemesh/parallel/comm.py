@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,6 @@ class CollectiveTrace:
     layer: str = "-"
     count: int = 0
     waiting: tuple[float, str] | None = None
-    history: list[str] = field(default_factory=list)
 
     def describe(self, op: str, axis: str, shape: tuple[int, ...], group_ranks: list[int]) -> str:
         return f"#{self.count} step {self.step} {self.layer}: {op} on {axis} group {group_ranks} shape {list(shape)}"
@@ -72,10 +71,11 @@ class AxisComm:
         trace = self.trace
         trace.count += 1
         what = trace.describe(op, self.axis, shape, self.ranks)
-        if trace.check:
-            _compare_fingerprints(trace, op, self.axis, shape, what)
-        trace.waiting = (time.monotonic(), what)
         try:
+            if trace.check:  # watched too: a rank that stopped issuing collectives never joins this one
+                trace.waiting = (time.monotonic(), f"(order check before) {what}")
+                _compare_fingerprints(trace, op, self.axis, shape, what)
+            trace.waiting = (time.monotonic(), what)
             fn()
         finally:  # a collective that raised is no longer waited on: the watchdog must not report it later
             trace.waiting = None
@@ -118,7 +118,6 @@ def _compare_fingerprints(trace: CollectiveTrace, op: str, axis: str, shape: tup
     _all_gather_single(everyone, mine)  # on the default group, which has the world's backend
     rows = everyone.view(world, 2).tolist()
     if all(row == rows[0] for row in rows):
-        trace.history.append(what)
         return
     descriptions = [None] * world
     dist.all_gather_object(descriptions, what)

@@ -42,8 +42,10 @@ def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
     expert = [p.grad for p in params if getattr(p, "_mm_expert", False)]
     if shards > 1:
         _all_reduce_coalesced(dense, mesh.comm("data_expert"), 1.0 / shards)
-    if mesh.dp > 1 or mesh.ep > 1:
+    if mesh.dp > 1:
         _all_reduce_coalesced(expert, mesh.comm("data"), 1.0 / shards)
+    elif mesh.ep > 1:
+        torch._foreach_mul_(expert, 1.0 / shards)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torch.Tensor:

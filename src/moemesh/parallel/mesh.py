@@ -25,10 +25,6 @@ class Coordinates:
     model: int
 
 
-def rank_of(coords: Coordinates, ep: int, tp: int) -> int:
-    return (coords.data * ep + coords.expert) * tp + coords.model
-
-
 def coordinates_of(rank: int, ep: int, tp: int) -> Coordinates:
     return Coordinates(rank // (ep * tp), rank // tp % ep, rank % tp)
 

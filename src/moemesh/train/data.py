@@ -39,13 +39,15 @@ class TokenSource(Protocol):
         ...
 
 
-def build_source(data: DataConfig, vocab_size: int, seq_len: int, seed: int) -> TokenSource:
+def build_source(data: DataConfig, vocab_size: int, seq_len: int, seed: int, check_ids: bool = True) -> TokenSource:
+    """`check_ids=False` skips the full scan of a .bin file for ids >= vocab_size: for worker processes
+    whose launcher already checked the same file."""
     if data.source == "synthetic":
         return MarkovSource(vocab_size, data.branching, seed)
     if data.source == "text":
         return _build_text(data.path, vocab_size, seq_len, seed)
     if data.source == "bin":
-        return _build_bin(data.path, data.token_dtype, vocab_size, seq_len, seed)
+        return _build_bin(data.path, data.token_dtype, vocab_size, seq_len, seed, check_ids)
     raise UserError(f"data.source={data.source!r} is not one of synthetic, text, bin")
 
 
@@ -209,7 +211,8 @@ def _build_text(path: str, vocab_size: int, seq_len: int, seed: int) -> WindowSo
     return WindowSource(_as_bytes(raw), _BYTE_VOCAB, seed)
 
 
-def _build_bin(path: str, token_dtype: str, vocab_size: int, seq_len: int, seed: int) -> WindowSource:
+def _build_bin(path: str, token_dtype: str, vocab_size: int, seq_len: int, seed: int,
+               check_ids: bool) -> WindowSource:
     if token_dtype not in _TOKEN_DTYPES:
         raise UserError(f"data.token_dtype={token_dtype!r} is not one of {', '.join(_TOKEN_DTYPES)}")
     dtype = _TOKEN_DTYPES[token_dtype]
@@ -222,7 +225,7 @@ def _build_bin(path: str, token_dtype: str, vocab_size: int, seq_len: int, seed:
         tokens_N = np.memmap(path, dtype=dtype, mode="r")
     except OSError as exc:
         raise UserError(f"data.path={path}: cannot read it ({exc.__class__.__name__}: {exc.strerror})") from None
-    max_id = _max_token(tokens_N)
+    max_id = _max_token(tokens_N) if check_ids else -1
     if max_id >= vocab_size:
         raise UserError(f"data.path={path} holds token id {max_id} >= model.vocab_size={vocab_size} "
                         f"(set model.vocab_size >= {max_id + 1}, or check data.token_dtype={token_dtype})")

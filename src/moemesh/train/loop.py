@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 import json
 import shutil
 import time
@@ -38,9 +39,14 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def preflight(cfg: Config) -> TokenSource:
+def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     """Everything that can fail on user input, checked before any file is written or process started."""
-    return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    device = resolve_device(cfg)
+    backend = cfg.parallel.backend
+    if backend != "auto" and (backend == "nccl") != (device.type == "cuda"):
+        raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
+                        f"(nccl runs on cuda, gloo on cpu; 'auto' picks)")
+    return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, check_ids)
 
 
 def create_run_dir(cfg: Config) -> Path:
@@ -109,12 +115,12 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     trainer = Trainer(cfg, mesh, source, device)
     writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    history: list[torch.Tensor] = []
+    recent_lm_losses: deque[torch.Tensor] = deque(maxlen=10)  # the summary's final loss
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
     try:
         for step in range(1, cfg.train.steps + 1):
             losses, grad_norm, lr = trainer.step(step)
-            history.append(losses[1])
+            recent_lm_losses.append(losses[1])
             window_steps += 1
             if step % cfg.run.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
@@ -126,7 +132,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
-    tail = torch.stack(history[-min(10, len(history)):]).mean().item()
+    tail = torch.stack(list(recent_lm_losses)).mean().item()
     summary = {
         "steps": cfg.train.steps, "elapsed_s": elapsed, "tokens_per_s": tokens_per_step * cfg.train.steps / elapsed,
         "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
