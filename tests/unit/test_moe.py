@@ -7,7 +7,7 @@ import torch
 
 from moemesh.model.grouped import grouped_mm, grouped_mm_loop
 from moemesh.model.layers import SwiGLU
-from moemesh.model.moe import (MoE, Router, balance_losses, capacity_per_group, combine, permute,
+from moemesh.model.moe import (MoE, Router, balance_losses, capacity_per_group, combine, count_ids, permute,
                                routing_stats)
 
 LOGITS = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]]
@@ -200,3 +200,8 @@ def test_capacity_mode_zero_output_for_dropped_tokens():
     assert y[0, 0].abs().sum() > 0 and y[0, 1:].abs().sum() == 0
     load, dropped = moe.expert_load()
     assert load.tolist() == [0, 0, 1, 0] and dropped == pytest.approx(15 / 16)
+
+
+def test_count_ids_matches_bincount_including_absent_ids():
+    ids = torch.tensor([3, 0, 3, 3, 5])
+    assert count_ids(ids, 7).tolist() == torch.bincount(ids, minlength=7).tolist() == [1, 0, 0, 3, 0, 1, 0]

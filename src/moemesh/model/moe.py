@@ -84,6 +84,11 @@ class Permutation:
     num_dropped: torch.Tensor  # int64 scalar
 
 
+def count_ids(ids: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """How often each id in [0, num_ids) occurs; unlike torch.bincount, no host sync on CUDA."""
+    return torch.zeros(num_ids, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def capacity_per_group(tokens_per_group: int, top_k: int, num_experts: int, factor: float) -> int:
     return math.ceil(factor * tokens_per_group * top_k / num_experts)
 
@@ -96,18 +101,18 @@ def permute(experts_TK: torch.Tensor, num_experts: int, capacity: int | None, gr
     flat_A = experts_TK.reshape(-1)
     if capacity is None:
         order_R = torch.argsort(flat_A, stable=True)
-        counts_E = torch.bincount(flat_A, minlength=num_experts)
+        counts_E = count_ids(flat_A, num_experts)
         return Permutation(order_R, counts_E, flat_A.new_zeros(()))
     group_A = torch.arange(flat_A.numel(), device=flat_A.device) // (num_tokens // groups * top_k)
     key_A = flat_A * groups + group_A
     order_A = torch.argsort(key_A, stable=True)
     sorted_key_A = key_A[order_A]
-    seg_counts = torch.bincount(key_A, minlength=num_experts * groups)
+    seg_counts = count_ids(key_A, num_experts * groups)
     seg_starts = torch.cumsum(seg_counts, 0) - seg_counts
     rank_A = torch.arange(flat_A.numel(), device=flat_A.device) - seg_starts[sorted_key_A]
     keep_A = rank_A < capacity
     order_R = order_A[keep_A]
-    counts_E = torch.bincount(flat_A[order_R], minlength=num_experts)
+    counts_E = count_ids(flat_A[order_R], num_experts)
     return Permutation(order_R, counts_E, (~keep_A).sum())
 
 
@@ -165,7 +170,7 @@ def routing_stats(routing: Routing, perm: Permutation) -> torch.Tensor:
     """Sums whose all-reduce over every micro-batch gives global statistics, packed for one collective:
     [counts_E, prob_sums_E, z_sum, num_tokens, num_dropped]. Only prob_sums and z_sum carry gradient."""
     num_experts = routing.probs_TE.shape[1]
-    counts_E = torch.bincount(routing.experts_TK.reshape(-1), minlength=num_experts).float()
+    counts_E = count_ids(routing.experts_TK.reshape(-1), num_experts).float()
     z_sum = torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum()
     tail = torch.stack([z_sum, z_sum.new_tensor(float(routing.probs_TE.shape[0])),
                         perm.num_dropped.float()])
