@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moemesh.errors import UserError
+from moemesh.errors import UserError, report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except UserError as exc:
-        print(f"moemesh: error: {exc}", file=sys.stderr)
+        report(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("moemesh: interrupted", file=sys.stderr)
+        report("interrupted")
         return 130
 
 

@@ -275,7 +275,7 @@ def _validate(cfg: Config) -> None:
         _check_magnitude(key, value)
         if not value >= 0:
             raise ConfigError(f"{key}={value} must be >= 0")
-    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    m, t, d = cfg.model, cfg.train, cfg.data
     checks = [
         (m.top_k <= m.num_experts, f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}"),
         (m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}"),

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.config import Config, ParallelConfig, config_from_dict
-from moemesh.errors import UserError
+from moemesh.errors import UserError, report
 from moemesh.parallel.comm import CollectiveMismatch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource
@@ -53,7 +53,7 @@ def train_command(cfg: Config) -> int:
         return 0
     failed = launch_local(_worker, (cfg.to_dict(), str(run_dir), False), world, fork=device.type == "cpu")
     if failed:
-        print(f"moemesh: error: {failed}", file=sys.stderr)
+        report(f"error: {failed}")
         return 1
     return 0
 
@@ -144,7 +144,7 @@ def _worker(cfg_dict: dict[str, Any], run_dir: str, exit_process: bool, source: 
         train(cfg, mesh, source, Path(run_dir))
     except CollectiveMismatch as exc:
         if dist.get_rank() == 0:  # every rank sees the same mismatch
-            print(f"moemesh: error: {exc}", file=sys.stderr)
+            report(f"error: {exc}")
         code = 3
     except Exception:  # a programmer error: show where, on this rank
         import traceback

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from moemesh.errors import report
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; 2.11 (the GPU machine) has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -53,8 +54,8 @@ class CollectiveTrace:
                 time.sleep(1.0)
                 waiting = self.waiting
                 if waiting is not None and time.monotonic() - waiting[0] > self.timeout_s:
-                    print(f"moemesh: error: rank {rank} waited {self.timeout_s:.0f} s in collective "
-                          f"{waiting[1]}; the other ranks of that group never joined it", file=sys.stderr, flush=True)
+                    report(f"error: rank {rank} waited {self.timeout_s:.0f} s in collective "
+                           f"{waiting[1]}; the other ranks of that group never joined it")
                     os._exit(3)
 
         threading.Thread(target=watch, daemon=True, name="moemesh-collective-watchdog").start()

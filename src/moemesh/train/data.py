@@ -16,7 +16,6 @@ V vocabulary states, K successors per state (data.branching).
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import Protocol
 
