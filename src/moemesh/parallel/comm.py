@@ -82,9 +82,11 @@ class AxisComm:
             trace.waiting = None
 
     # --- plain collectives (no autograd) ---
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         x = x.contiguous().clone()
-        self._issue("all_reduce", tuple(x.shape), lambda: dist.all_reduce(x, group=self.group))
+        name = "all_reduce" if op == "sum" else f"all_reduce_{op}"
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        self._issue(name, tuple(x.shape), lambda: dist.all_reduce(x, op=reduce_op, group=self.group))
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:

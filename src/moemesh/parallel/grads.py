@@ -51,16 +51,20 @@ def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
 def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
     """Scale gradients so the global L2 norm (each distinct element counted once) is at most max_norm;
     return the norm before clipping. One scalar all-reduce over the world."""
-    grads = [(p.grad, getattr(p, "_mm_replicas", 1)) for p in model.parameters() if p.grad is not None]
-    sumsq = torch.zeros((), device=grads[0][0].device, dtype=torch.float32)
-    for grad, replicas in grads:
-        sumsq += grad.float().pow(2).sum() / replicas
+    by_replicas: dict[int, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_replicas.setdefault(getattr(p, "_mm_replicas", 1), []).append(p.grad)
+    # One fused norm kernel per replica count (at most 3 groups) instead of one per parameter.
+    sumsq = sum(torch.stack(torch._foreach_norm(group)).pow(2).sum() / replicas
+                for replicas, group in by_replicas.items())
     if mesh is not None:
         sumsq = mesh.comm("world").all_reduce(sumsq)
     norm = sumsq.sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([g for g, _ in grads], scale)
+        for group in by_replicas.values():
+            torch._foreach_mul_(group, scale)
     return norm
 
 

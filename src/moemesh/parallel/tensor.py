@@ -135,7 +135,7 @@ class _VocabParallelCE(torch.autograd.Function):
         vocab_local = logits_TV.shape[-1]
         start = comm.rank * vocab_local
         max_T = logits_TV.max(dim=-1).values
-        max_T = _all_reduce_max(max_T, comm)
+        max_T = comm.all_reduce(max_T, op="max")  # exact in any order
         shifted_TV = logits_TV - max_T[:, None]
         exp_TV = shifted_TV.exp()
         local_T = targets_T - start
@@ -155,11 +155,6 @@ class _VocabParallelCE(torch.autograd.Function):
         rows = torch.arange(grad_TV.shape[0], device=grad_TV.device)
         grad_TV[rows, local_T] -= inside_T.to(grad_TV.dtype)
         return grad_TV * (grad / grad_TV.shape[0]), None, None
-
-
-def _all_reduce_max(x: torch.Tensor, comm: AxisComm) -> torch.Tensor:
-    # max is order-independent, so gathering and reducing locally equals an all-reduce(MAX)
-    return comm.all_gather(x[None], 0).max(dim=0).values
 
 
 class VocabParallelCrossEntropy:
