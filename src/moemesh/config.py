@@ -79,6 +79,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu) | "float32" | "bfloat16"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir, if any) | "none" | a checkpoint path
+    allow_data_change: bool = False  # resume even if data.* or the batch shape differ from the checkpoint's
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
 
 
 @dataclass
@@ -95,6 +98,11 @@ class RunConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end and on a signal)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in run.dir/checkpoints
+    overwrite: bool = False  # start afresh in a run dir that holds an earlier run's outputs
+    max_restarts: int = 0  # local launch: restart every rank from the last checkpoint after a failure, N times
+    debug: bool = False  # show every rank's traceback on failure
 
 
 @dataclass
@@ -133,11 +141,12 @@ POSITIVE = (
     "model.vocab_size model.dim model.n_layers model.n_heads model.n_kv_heads model.max_seq_len "
     "model.num_experts model.top_k model.ffn_dim model.dense_ffn_dim model.rope_theta model.norm_eps "
     "model.init_std model.capacity_factor parallel.dp parallel.ep parallel.tp parallel.timeout_s "
-    "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every"
+    "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints"
 ).split()
 NON_NEGATIVE = (
     "model.num_shared_experts model.num_dense_layers model.aux_loss_coef model.z_loss_coef "
-    "model.bias_update_rate train.min_lr train.warmup_steps train.weight_decay train.grad_clip train.seed"
+    "model.bias_update_rate train.min_lr train.warmup_steps train.weight_decay train.grad_clip train.seed "
+    "train.skip_nonfinite run.checkpoint_every run.max_restarts"
 ).split()
 
 
