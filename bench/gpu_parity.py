@@ -1,7 +1,7 @@
 """Two-GPU parity (issue 3): layouts (1,2,1), (1,1,2), (2,1,1) on NCCL against the 1-GPU run, fp32 and
 bf16, then tokens/s of the `gpu` preset at each 2-GPU layout and on 1 GPU. One script, one device call:
 
-    NCCL_NVLS_ENABLE=0 PYTHONPATH=src:. torchrun --nproc-per-node 2 bench/gpu_parity.py --out $OUT
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=src torchrun --nproc-per-node 2 bench/gpu_parity.py --out $OUT
 
 Writes parity.json (per case: per-step loss and grad-norm errors, worst parameter error) to --out.
 """
@@ -12,9 +12,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests.distributed.harness import Case, run_cases  # noqa: E402
+from moemesh.parity import Case, run_cases
 
 LAYOUTS = [(1, 2, 1), (1, 1, 2), (2, 1, 1)]
 MEDIUM = ["model.dim=512", "model.n_heads=8", "model.n_kv_heads=4", "model.num_experts=8", "model.ffn_dim=1024",

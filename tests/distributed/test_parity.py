@@ -14,7 +14,7 @@ import json
 import pytest
 
 from moemesh.launch import launch_local
-from tests.distributed.harness import Case, run_cases
+from moemesh.parity import Case, run_cases
 
 TOL = 1e-5
 # Also relative to how far each tensor moved in training (||p - p_ref|| / ||p_ref - p_init||): catches a
@@ -71,6 +71,7 @@ PARITY = [c for cases in CASES.values() for c in cases if c.skip_stats_on_rank i
 def test_layout_matches_single_process(results, case):
     r = results[case.name]
     assert r["names_match"]
+    assert r["shard_roundtrip"], "layout.shard_state(gathered) differs from some rank's parameters"
     assert r["loss_rel_err"] <= TOL, (r["losses"], r["ref_losses"])
     assert r["param_rel_err"] <= TOL, (r["worst_param"], r["param_rel_err"])
     assert r["update_rel_err"] <= UPDATE_TOL, (r["worst_update_param"], r["update_rel_err"])

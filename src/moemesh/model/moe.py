@@ -166,25 +166,62 @@ class LocalDispatcher:
         return combine(y_RD, perm.order_R, weights_TK)
 
 
-def routing_stats(routing: Routing, perm: Permutation) -> torch.Tensor:
-    """Sums whose all-reduce over every micro-batch gives global statistics, packed for one collective:
-    [counts_E, prob_sums_E, z_sum, num_tokens, num_dropped]. Only prob_sums and z_sum carry gradient."""
-    num_experts = routing.probs_TE.shape[1]
-    counts_E = count_ids(routing.experts_TK.reshape(-1), num_experts).float()
-    z_sum = torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum()
-    tail = torch.stack([z_sum, z_sum.new_tensor(float(routing.probs_TE.shape[0])),
-                        perm.num_dropped.float()])
-    return torch.cat([counts_E, routing.probs_TE.sum(dim=0), tail])
+class RoutingStats:
+    """A layer's routing statistics packed in one vector, so one collective makes them global:
+    [counts_E, prob_sums_E, z_sum, num_tokens, num_dropped]. Every field is a sum over tokens, so the
+    sum of the vectors of the micro-batches is the vector of the whole batch. Only prob_sums and z_sum
+    carry gradient (the aux and z losses)."""
+
+    def __init__(self, packed: torch.Tensor, num_experts: int):
+        assert packed.shape == (2 * num_experts + 3,), (packed.shape, num_experts)
+        self.packed, self.num_experts = packed, num_experts
+
+    @classmethod
+    def of(cls, routing: Routing, perm: Permutation) -> "RoutingStats":
+        num_experts = routing.probs_TE.shape[1]
+        counts_E = count_ids(routing.experts_TK.reshape(-1), num_experts).float()
+        z_sum = torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum()
+        # The token count from a tensor op, not a Python float: new_tensor(float) syncs on CUDA.
+        num_tokens = torch.ones_like(z_sum).mul_(routing.probs_TE.shape[0])
+        tail = torch.stack([z_sum, num_tokens, perm.num_dropped.to(z_sum.dtype)])
+        return cls(torch.cat([counts_E, routing.probs_TE.sum(dim=0), tail]), num_experts)
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self.packed[:self.num_experts]
+
+    @property
+    def prob_sums_E(self) -> torch.Tensor:
+        return self.packed[self.num_experts:2 * self.num_experts]
+
+    @property
+    def z_sum(self) -> torch.Tensor:
+        return self.packed[2 * self.num_experts]
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return self.packed[2 * self.num_experts + 1]
+
+    @property
+    def num_dropped(self) -> torch.Tensor:
+        return self.packed[2 * self.num_experts + 2]
+
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        return RoutingStats(self.packed + other.packed, self.num_experts)
+
+    def reduced(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> "RoutingStats":
+        return RoutingStats(reducer(self.packed), self.num_experts)
+
+    def detach(self) -> "RoutingStats":
+        return RoutingStats(self.packed.detach(), self.num_experts)
 
 
-def balance_losses(stats: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balance_losses(stats: RoutingStats, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch/GShard aux loss E * sum_e f_e * P_e (f: fraction of assignments, P: mean probability) and
-    router z-loss mean(logsumexp(logits)^2), from (global) `routing_stats`."""
-    counts_E, prob_sums_E = stats[:num_experts], stats[num_experts:2 * num_experts]
-    z_sum, num_tokens = stats[2 * num_experts], stats[2 * num_experts + 1]
-    f_E = counts_E / (num_tokens * top_k)
-    p_E = prob_sums_E / num_tokens
-    return num_experts * (f_E * p_E).sum(), z_sum / num_tokens
+    router z-loss mean(logsumexp(logits)^2), from (global) routing statistics."""
+    f_E = stats.counts_E / (stats.num_tokens * top_k)
+    p_E = stats.prob_sums_E / stats.num_tokens
+    return stats.num_experts * (f_E * p_E).sum(), stats.z_sum / stats.num_tokens
 
 
 def _identity(stats: torch.Tensor) -> torch.Tensor:
@@ -192,8 +229,9 @@ def _identity(stats: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, ffn_dim: int, router: str, renormalize: bool,
-                 num_shared_experts: int, dispatch: str, capacity_factor: float):
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, ffn_dim: int, router: str = "softmax",
+                 renormalize: bool = True, num_shared_experts: int = 0, dispatch: str = "dropless",
+                 capacity_factor: float = 1.25):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor if dispatch == "capacity" else None
@@ -204,7 +242,7 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.capacity_groups = 1
-        self.last_stats: torch.Tensor | None = None  # global routing_stats of the last forward, detached
+        self.last_stats: RoutingStats | None = None  # global statistics of the last forward, detached
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = x_BSD.shape
@@ -215,9 +253,9 @@ class MoE(nn.Module):
             capacity = capacity_per_group(x_TD.shape[0] // self.capacity_groups, self.top_k,
                                           self.num_experts, self.capacity_factor)
         perm = permute(routing.experts_TK, self.num_experts, capacity, self.capacity_groups)
-        stats = self.stats_reducer(routing_stats(routing, perm))
+        stats = RoutingStats.of(routing, perm).reduced(self.stats_reducer)
         self.last_stats = stats.detach()
-        aux_loss, z_loss = balance_losses(stats, self.num_experts, self.top_k)
+        aux_loss, z_loss = balance_losses(stats, self.top_k)
         y_TD = self.dispatcher(x_TD, routing.weights_TK, perm, self.experts).to(x_BSD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -225,8 +263,7 @@ class MoE(nn.Module):
 
     def expert_load(self) -> tuple[torch.Tensor, float]:
         """(fraction of assignments per expert, fraction of assignments dropped) of the last forward."""
-        assert self.last_stats is not None, "expert_load() before any forward"
-        E = self.num_experts
-        counts_E, num_tokens, dropped = self.last_stats[:E], self.last_stats[2 * E + 1], self.last_stats[2 * E + 2]
-        total = num_tokens * self.top_k
-        return counts_E / total, float(dropped / total)
+        stats = self.last_stats
+        assert stats is not None, "expert_load() before any forward"
+        total = stats.num_tokens * self.top_k
+        return stats.counts_E / total, float(stats.num_dropped / total)

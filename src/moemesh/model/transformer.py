@@ -37,8 +37,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: MoE | SwiGLU
         if moe:
-            self.ffn = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.ffn_dim, cfg.router, cfg.renormalize,
-                           cfg.num_shared_experts, cfg.dispatch, cfg.capacity_factor)
+            self.ffn = MoE(dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k, ffn_dim=cfg.ffn_dim,
+                           router=cfg.router, renormalize=cfg.renormalize,
+                           num_shared_experts=cfg.num_shared_experts, dispatch=cfg.dispatch,
+                           capacity_factor=cfg.capacity_factor)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
 

@@ -1,12 +1,10 @@
-"""Gradient synchronisation, global-norm clipping and metric averaging across the mesh.
-
-`parallelize` tags every parameter with how it is laid out (see `apply.tag`):
-  _mm_expert   expert weight: sharded over `expert`, replicated over `data`;
-  _mm_partial  replicated over `model` but each TP rank holds a partial gradient (sequence-parallel norms);
-  _mm_replicas number of ranks holding an identical copy of this tensor (for the global norm).
-Each data x expert coordinate back-propagates the mean loss of its own micro-batch, so dense gradients
-are averaged over data x expert. An expert's gradient already sums the contributions of every micro-batch
-of its expert group (tokens came to it by all-to-all), so it is summed over `data` and divided by dp*ep.
+"""Gradient synchronisation, global-norm clipping and metric averaging across the mesh, as the
+placement table (`layout.py`) says:
+  - a gradient that is partial over `model` (sequence-parallel norms) is summed over model;
+  - each data x expert coordinate back-propagates the mean loss of its own micro-batch, so dense
+    gradients are averaged over data x expert;
+  - an expert's gradient already sums the contributions of every micro-batch of its expert group (tokens
+    came to it by all-to-all), so it is summed over `data` and divided by dp*ep.
 Both then equal the gradient of the global-batch mean loss.
 """
 
@@ -17,6 +15,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moemesh.parallel.comm import AxisComm
+from moemesh.parallel.layout import Layout
 from moemesh.parallel.mesh import Mesh
 
 
@@ -30,16 +29,17 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], comm: AxisComm, scale: floa
         grad.copy_(synced)
 
 
-def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
+def sync_gradients(model: nn.Module, layout: Layout, mesh: Mesh | None) -> None:
     if mesh is None:
         return
-    params = [p for p in model.parameters() if p.grad is not None]
-    partial = [p.grad for p in params if getattr(p, "_mm_partial", False)]
-    if mesh.tp > 1:
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    placements = layout.params
+    partial = [g for name, g in named if "model" in placements[name].partial_over]
+    if partial:
         _all_reduce_coalesced(partial, mesh.comm("model"), 1.0)
     shards = mesh.dp * mesh.ep
-    dense = [p.grad for p in params if not getattr(p, "_mm_expert", False)]
-    expert = [p.grad for p in params if getattr(p, "_mm_expert", False)]
+    dense = [g for name, g in named if not placements[name].expert]
+    expert = [g for name, g in named if placements[name].expert]
     if shards > 1:
         _all_reduce_coalesced(dense, mesh.comm("data_expert"), 1.0 / shards)
     if mesh.dp > 1:
@@ -48,13 +48,13 @@ def sync_gradients(model: nn.Module, mesh: Mesh | None) -> None:
         torch._foreach_mul_(expert, 1.0 / shards)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
     """Scale gradients so the global L2 norm (each distinct element counted once) is at most max_norm;
     return the norm before clipping. One scalar all-reduce over the world."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.grad is not None:
-            by_replicas.setdefault(getattr(p, "_mm_replicas", 1), []).append(p.grad)
+            by_replicas.setdefault(layout.replicas(name), []).append(p.grad)
     # One fused norm kernel per replica count (at most 3 groups) instead of one per parameter.
     sumsq = sum(torch.stack(torch._foreach_norm(group)).pow(2).sum() / replicas
                 for replicas, group in by_replicas.items())

@@ -26,14 +26,6 @@ from moemesh.parallel.comm import (AxisComm, copy_to_group, gather_along_dim, re
 SEQ_DIM = 1
 
 
-def shard_param(module: nn.Module, name: str, comm: AxisComm, dim: int, axis: str) -> None:
-    """Keep this rank's contiguous slice of `module.<name>` along `dim`; record how to gather it back."""
-    full = getattr(module, name)
-    shard = nn.Parameter(full.detach().chunk(comm.size, dim=dim)[comm.rank].clone())
-    shard._mm_shards = getattr(full, "_mm_shards", []) + [(axis, dim)]
-    setattr(module, name, shard)
-
-
 def _enter(comm: AxisComm, sequence_parallel: bool):
     """Input hook of a sharded sub-layer whose input gradients are partial sums."""
     def hook(module, args):
@@ -66,54 +58,35 @@ def _copy_in(comm: AxisComm):
     return hook
 
 
-def shard_swiglu(mlp: nn.Module, comm: AxisComm) -> None:
-    shard_param(mlp.w1, "weight", comm, 0, "model")
-    shard_param(mlp.w3, "weight", comm, 0, "model")
-    shard_param(mlp.w2, "weight", comm, 1, "model")
-
-
 def apply_tensor_parallel(model: Transformer, comm: AxisComm, sequence_parallel: bool) -> None:
+    """Hooks and module swaps for TP; the parameters are already sharded by `parallelize` (layout.py)."""
     for block in model.layers:
         attn = block.attention
-        for proj in (attn.wq, attn.wk, attn.wv):
-            shard_param(proj, "weight", comm, 0, "model")
-        shard_param(attn.wo, "weight", comm, 1, "model")
         attn.n_heads //= comm.size
         attn.n_kv_heads //= comm.size
         attn.register_forward_pre_hook(_enter(comm, sequence_parallel))
         attn.register_forward_hook(_exit(comm, sequence_parallel))
         ffn = block.ffn
         if isinstance(ffn, MoE):
-            shard_param(ffn.experts, "w1_EDF", comm, 2, "model")
-            shard_param(ffn.experts, "w3_EDF", comm, 2, "model")
-            shard_param(ffn.experts, "w2_EFD", comm, 1, "model")
             if ffn.shared is not None:
-                shard_swiglu(ffn.shared, comm)
                 ffn.shared.register_forward_pre_hook(_copy_in(comm))
             if sequence_parallel:
                 ffn.register_forward_pre_hook(_enter_replicated(comm))
         else:
-            shard_swiglu(ffn, comm)
             ffn.register_forward_pre_hook(_enter(comm, sequence_parallel))
         ffn.register_forward_hook(_exit(comm, sequence_parallel))
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, comm, sequence_parallel)
-    shard_param(model.output, "weight", comm, 0, "model")
     model.output.register_forward_pre_hook(_enter(comm, sequence_parallel))
     model.lm_loss = VocabParallelCrossEntropy(comm)
-    if sequence_parallel:
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param._mm_partial = True
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + V/tp) of the table; other ids look up zeros; partial sums reduced over TP."""
 
-    def __init__(self, full: nn.Embedding, comm: AxisComm, sequence_parallel: bool):
+    def __init__(self, local: nn.Embedding, comm: AxisComm, sequence_parallel: bool):
         super().__init__()
         self.comm, self.sequence_parallel = comm, sequence_parallel
-        self.weight = full.weight
-        shard_param(self, "weight", comm, 0, "model")
+        self.weight = local.weight  # already this rank's rows of the vocabulary
         self.vocab_start = comm.rank * self.weight.shape[0]
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:

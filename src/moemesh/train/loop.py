@@ -16,6 +16,7 @@ from moemesh.config import Config, to_toml
 from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
+from moemesh.parallel.layout import Layout
 from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradients
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
@@ -65,7 +66,7 @@ def create_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> Transformer:
+def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[Transformer, Layout]:
     """Same initial weights at every layout: the full model is built from the seed, then sharded."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
@@ -77,7 +78,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh | None, source: TokenSource, device: torch.device):
         self.cfg, self.mesh, self.source, self.device = cfg, mesh, source, device
-        self.model = build_model(cfg, device, mesh)
+        self.model, self.layout = build_model(cfg, device, mesh)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
@@ -94,12 +95,12 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
             out = model(batch_BS[:, :-1], batch_BS[:, 1:])
         out.loss.backward()
-        sync_gradients(model, self.mesh)
-        grad_norm = clip_grad_norm(model, cfg.train.grad_clip, self.mesh)
+        sync_gradients(model, self.layout, self.mesh)
+        grad_norm = clip_grad_norm(model, self.layout, cfg.train.grad_clip, self.mesh)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for moe in model.moe_layers():
-            moe.router.update_bias(moe.last_stats[: moe.num_experts], cfg.model.bias_update_rate)
+            moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
         losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach()
         return mean_over_batch(losses, self.mesh), grad_norm, lr
 

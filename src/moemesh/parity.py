@@ -1,4 +1,7 @@
-"""Runs many layouts inside one launch of `world` gloo ranks (launch cost dominates on 2 cores).
+"""Layout parity harness: training at a (dp, ep, tp) layout against the single-process run.
+
+Used by the parity tests (tests/distributed) and the GPU benchmarks (bench/): many layouts run inside
+one launch of `world` ranks (launch cost dominates on 2 cores).
 
 For each case every rank trains `steps` AdamW steps at the case's (dp, ep, tp); rank 0 also trains the
 single-process reference on the same global batches (with capacity applied per micro-batch, as each
@@ -66,14 +69,24 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     if mesh is not None and case.skip_stats_on_rank == mesh.rank:
         trainer.model.moe_layers()[0].stats_reducer = lambda stats: stats
     losses, dropped = [], []
-    initial = gather_full_state(trainer.model, mesh)
+    initial = gather_full_state(trainer.model, trainer.layout, mesh)
     for step in range(1, case.steps + 1):
         step_losses, grad_norm, _ = trainer.step(step)
         losses.append([*step_losses.tolist(), float(grad_norm)])  # grad norm: Adam hides grad-scale bugs
         dropped.append([moe.expert_load()[1] for moe in trainer.model.moe_layers()])
-    final = gather_full_state(trainer.model, mesh)
+    final = gather_full_state(trainer.model, trainer.layout, mesh)
+    extra_roundtrip = _shard_roundtrip_ok(trainer, final, mesh)
     loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]
-    return losses, final, {"dropped": dropped, "load": loads, "initial": initial}
+    return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip}
+
+
+def _shard_roundtrip_ok(trainer: Trainer, full: dict, mesh: Mesh | None) -> bool:
+    """Sharding the gathered state onto the layout gives back every rank's own parameters, bit for bit."""
+    local = trainer.layout.shard_state(full, mesh.coords) if mesh is not None else full
+    ok = all(torch.equal(local[name], p.detach()) for name, p in trainer.model.named_parameters())
+    if mesh is None:
+        return ok
+    return bool(mesh.comm("world").all_reduce(torch.tensor([0 if ok else 1])).item() == 0)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,7 +121,7 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
     return {**result, "losses": losses, "ref_losses": ref_losses, "loss_rel_err": loss_err,
             "param_rel_err": param_errs[worst], "worst_param": worst, "param_errs": param_errs,
             "update_rel_err": update_errs[worst_update], "worst_update_param": worst_update,
-            "names_match": sorted(state) == sorted(ref_state),
+            "names_match": sorted(state) == sorted(ref_state), "shard_roundtrip": extra["roundtrip"],
             "dropped": extra["dropped"], "ref_dropped": ref_extra["dropped"], "load": extra["load"]}
 
 
