@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moemesh train --set parallel.dp=2 --set parallel.ep=2 --set parallel.tp=2
+	$(VENV)/bin/moemesh train --set parallel.dp=2 --set parallel.ep=2 --set parallel.tp=2 --set run.dir=runs/demo --set run.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -25,6 +25,7 @@ from moemesh.parallel.comm import CollectiveMismatch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource
 from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
+from moemesh.train.resume import choose_checkpoint
 
 
 WATCHDOG_MARGIN_S = 30
@@ -36,6 +37,8 @@ def under_torchrun() -> bool:
 
 def train_command(cfg: Config) -> int:
     source = preflight(cfg)
+    resume_from = choose_checkpoint(cfg)
+    resume = str(resume_from) if resume_from is not None else None
     world = cfg.parallel.world_size
     if under_torchrun():
         given = int(os.environ["WORLD_SIZE"])
@@ -43,15 +46,15 @@ def train_command(cfg: Config) -> int:
             raise UserError(f"torchrun started {given} processes but parallel.dp*ep*tp = "
                             f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
         run_dir = create_run_dir(cfg) if int(os.environ["RANK"]) == 0 else Path(cfg.run.dir)
-        return _worker(cfg.to_dict(), str(run_dir), True, source)
+        return _worker(cfg.to_dict(), str(run_dir), resume, True, source)
     device = resolve_device(cfg)
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
     run_dir = create_run_dir(cfg)
     if world == 1:
-        train(cfg, None, source, run_dir)
+        train(cfg, None, source, run_dir, resume_from)
         return 0
-    failed = launch_local(_worker, (cfg.to_dict(), str(run_dir), False), world, fork=device.type == "cpu")
+    failed = launch_local(_worker, (cfg.to_dict(), str(run_dir), resume, False), world, fork=device.type == "cpu")
     if failed:
         report(f"error: {failed}")
         return 1
@@ -134,14 +137,15 @@ def finish(code: int, exit_process: bool) -> int:
     return code
 
 
-def _worker(cfg_dict: dict[str, Any], run_dir: str, exit_process: bool, source: TokenSource | None = None) -> int:
+def _worker(cfg_dict: dict[str, Any], run_dir: str, resume_from: str | None, exit_process: bool,
+            source: TokenSource | None = None) -> int:
     cfg = config_from_dict(cfg_dict)
     code = 0
     try:
         # Data before the process group: a slow file scan must not count against a peer's collective.
         source = source or preflight(cfg, check_ids=False)
         mesh = init_mesh(cfg.parallel, resolve_device(cfg).type)
-        train(cfg, mesh, source, Path(run_dir))
+        train(cfg, mesh, source, Path(run_dir), Path(resume_from) if resume_from else None)
     except CollectiveMismatch as exc:
         if dist.get_rank() == 0:  # every rank sees the same mismatch
             report(f"error: {exc}")

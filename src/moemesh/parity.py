@@ -71,7 +71,7 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     losses, dropped = [], []
     initial = gather_full_state(trainer.model, trainer.layout, mesh)
     for step in range(1, case.steps + 1):
-        step_losses, grad_norm, _ = trainer.step(step)
+        step_losses, grad_norm, _, _ = trainer.step(step)
         losses.append([*step_losses.tolist(), float(grad_norm)])  # grad norm: Adam hides grad-scale bugs
         dropped.append([moe.expert_load()[1] for moe in trainer.model.moe_layers()])
     final = gather_full_state(trainer.model, trainer.layout, mesh)

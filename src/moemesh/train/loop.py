@@ -20,6 +20,8 @@ from moemesh.parallel.layout import Layout
 from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradients
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
+from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
+from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.metrics import MetricsWriter, format_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 
@@ -83,8 +85,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
 
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr)."""
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr, updated).
+        A step whose loss or gradient norm is not finite is not applied (updated=False)."""
         cfg, model = self.cfg, self.model
         if self.mesh is not None:
             self.mesh.trace.step = step
@@ -97,30 +100,44 @@ class Trainer:
         out.loss.backward()
         sync_gradients(model, self.layout, self.mesh)
         grad_norm = clip_grad_norm(model, self.layout, cfg.train.grad_clip, self.mesh)
-        self.optimizer.step()
+        losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), self.mesh)
+        # Both are global (all-reduced), so every rank takes the same decision.
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses).all())
+        if finite:
+            self.optimizer.step()
+            for moe in model.moe_layers():
+                moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
         self.optimizer.zero_grad(set_to_none=True)
-        for moe in model.moe_layers():
-            moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
-        losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach()
-        return mean_over_batch(losses, self.mesh), grad_norm, lr
+        return losses, grad_norm, lr, finite
+
+
+class NonFiniteLoss(Exception):
+    """Training diverged: the one-line message names the step and the last good checkpoint."""
 
 
 def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = None,
-          run_dir: Path | None = None) -> dict[str, Any]:
-    """Run `cfg.train.steps` optimizer steps; return the summary (on every rank)."""
+          run_dir: Path | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+    """Run optimizer steps up to `cfg.train.steps` (from a checkpoint's step when resuming); return the
+    summary (on every rank). Checkpoints every `run.checkpoint_every` steps and after the last one."""
     device = resolve_device(cfg)
     source = source or preflight(cfg)
     is_main = mesh is None or mesh.rank == 0
     if is_main and run_dir is None:
         run_dir = create_run_dir(cfg)
     trainer = Trainer(cfg, mesh, source, device)
+    first = load_checkpoint(trainer, resume_from) if resume_from is not None else 0
     writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     recent_lm_losses: deque[torch.Tensor] = deque(maxlen=10)  # the summary's final loss
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
+    skipped, every = 0, cfg.run.checkpoint_every
     try:
-        for step in range(1, cfg.train.steps + 1):
-            losses, grad_norm, lr = trainer.step(step)
+        for step in range(first + 1, cfg.train.steps + 1):
+            losses, grad_norm, lr, updated = trainer.step(step)
+            if not updated:
+                skipped += 1
+                if skipped > cfg.train.skip_nonfinite:
+                    raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
             recent_lm_losses.append(losses[1])
             window_steps += 1
             if step % cfg.run.log_every == 0 or step == cfg.train.steps:
@@ -129,21 +146,36 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 window_start, window_steps = now, 0
                 if writer is not None:
                     writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model))
+            if step == cfg.train.steps or (every and step % every == 0):
+                save_checkpoint(trainer, run_dir, step)
     finally:
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
-    tail = torch.stack(list(recent_lm_losses)).mean().item()
+    done = cfg.train.steps - first
+    tail = torch.stack(list(recent_lm_losses)).mean().item() if recent_lm_losses else float("nan")
     summary = {
-        "steps": cfg.train.steps, "elapsed_s": elapsed, "tokens_per_s": tokens_per_step * cfg.train.steps / elapsed,
+        "steps": cfg.train.steps, "resumed_from_step": first, "elapsed_s": elapsed,
+        "tokens_per_s": tokens_per_step * done / elapsed,
         "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
         "gap_to_floor": None if source.entropy_floor is None else tail / source.entropy_floor - 1,
         "layout": {"dp": cfg.parallel.dp, "ep": cfg.parallel.ep, "tp": cfg.parallel.tp},
+        "skipped_steps": skipped,
     }
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _nonfinite_message(step: int, losses: torch.Tensor, grad_norm: torch.Tensor, run_dir: Path | None,
+                       cfg: Config) -> str:
+    last = latest_checkpoint(run_dir) if run_dir is not None else None
+    where = f"last good checkpoint: {last}" if last is not None else "no checkpoint was written"
+    allowed = (f"more than train.skip_nonfinite={cfg.train.skip_nonfinite} such steps"
+               if cfg.train.skip_nonfinite else "set train.skip_nonfinite=N to skip up to N such steps")
+    return (f"step {step}: loss {float(losses[0]):.4g}, gradient norm {float(grad_norm):.4g} is not finite "
+            f"(lower train.lr={cfg.train.lr:g}?); {allowed}; {where}")
 
 
 def step_record(step: int, losses: torch.Tensor, lr: float, grad_norm: torch.Tensor, tokens_per_s: float,

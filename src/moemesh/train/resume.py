@@ -1,0 +1,99 @@
+"""Which checkpoint a run continues from (`train.resume`), checked before any process starts.
+
+"auto" takes the newest checkpoint of run.dir whose files match their manifest, skipping (with a
+warning) incomplete or corrupted newer ones; "none" starts afresh; a path names one checkpoint. The
+chosen checkpoint must hold the same model shapes; a different data stream or batch shape needs
+`train.allow_data_change=true`; a checkpoint already at `train.steps` means the run is finished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moemesh.config import Config, load_config
+from moemesh.errors import ConfigError, UserError, report
+from moemesh.train.ckpt_paths import CHECKPOINTS, MANIFEST, problem_with, step_of
+
+# Settings that change the data a step sees: resuming across them must be asked for.
+DATA_KEYS = ("data.source", "data.path", "data.token_dtype", "data.branching", "train.global_batch",
+             "train.seq_len", "train.seed")
+
+
+def choose_checkpoint(cfg: Config) -> Path | None:
+    if cfg.train.resume == "none" or cfg.run.overwrite:
+        return None
+    if cfg.train.resume == "auto":
+        path = _newest_loadable(Path(cfg.run.dir))
+        if path is None:
+            return None
+    else:
+        path = Path(cfg.train.resume)
+        if not path.is_dir():
+            raise UserError(f"train.resume={cfg.train.resume}: no such checkpoint directory")
+        if (problem := problem_with(path)) is not None:
+            raise UserError(f"train.resume={cfg.train.resume}: {problem}")
+    check_compatible(cfg, path)
+    return path
+
+
+def _newest_loadable(run_dir: Path) -> Path | None:
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    for stale in sorted(root.glob(".tmp-step_*")):
+        report(f"warning: ignoring {stale}: a checkpoint whose writing did not finish")
+    for path in reversed(candidates):
+        problem = problem_with(path)
+        if problem is None:
+            return path
+        report(f"warning: skipping checkpoint {path}: {problem}")
+    if candidates:
+        raise UserError(f"run.dir={run_dir}: no loadable checkpoint ({len(candidates)} damaged, see above); "
+                        f"set train.resume=none and run.overwrite=true to start afresh")
+    return None
+
+
+def check_compatible(cfg: Config, path: Path) -> None:
+    step = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["step"]
+    try:
+        saved = load_config(str(path / "config.toml"))
+        shapes = json.loads((path / "layout.json").read_text(encoding="utf-8"))["params"]
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        raise UserError(f"checkpoint {path}: config.toml or layout.json unreadable ({exc})") from None
+    mine = _param_shapes(cfg)
+    for name, shape in mine.items():
+        theirs = shapes.get(name, {}).get("full_shape")
+        if theirs != shape:
+            raise UserError(f"checkpoint {path} holds another model: {name} is "
+                            f"{theirs if theirs is not None else 'absent'} there, {shape} here (model.* differ)")
+    extra = sorted(set(shapes) - set(mine))
+    if extra:
+        raise UserError(f"checkpoint {path} holds another model: {extra[0]} is not in this one (model.* differ)")
+    if not cfg.train.allow_data_change:
+        for key in DATA_KEYS:
+            before, now = _value(saved, key), _value(cfg, key)
+            if before != now:
+                raise UserError(f"checkpoint {path} was trained with {key}={before}, this run has {now}; set "
+                                f"train.allow_data_change=true to continue with the new value")
+    if step >= cfg.train.steps:
+        raise UserError(f"run.dir={cfg.run.dir} is finished: checkpoint {path.name} is at step {step} and "
+                        f"train.steps={cfg.train.steps}; raise train.steps to train on, or set "
+                        f"run.overwrite=true (or another run.dir) to start again")
+
+
+def _value(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    value = getattr(getattr(cfg, section), name)
+    return str(Path(value).resolve()) if key == "data.path" and value else value
+
+
+def _param_shapes(cfg: Config) -> dict[str, list[int]]:
+    import torch
+
+    from moemesh.model.transformer import Transformer
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = Transformer(cfg.model)
+    return {name: list(p.shape) for name, p in model.named_parameters()}
