@@ -25,6 +25,7 @@ from moemesh.parallel.comm import CollectiveMismatch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource
 from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
+from moemesh.plan.memory import check_memory, ranks_on_this_host
 from moemesh.train.resume import choose_checkpoint
 
 
@@ -37,6 +38,7 @@ def under_torchrun() -> bool:
 
 def train_command(cfg: Config) -> int:
     source = preflight(cfg)
+    check_memory(cfg, resolve_device(cfg).type, ranks_on_this_host(cfg))
     resume_from = choose_checkpoint(cfg)
     resume = str(resume_from) if resume_from is not None else None
     world = cfg.parallel.world_size
