@@ -21,6 +21,7 @@ from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.metrics import MetricsWriter, format_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
+from moemesh.train.stop import Stopped, current as current_stopper  # FAULTS
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -117,6 +118,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     recent_lm_losses: deque[torch.Tensor] = deque(maxlen=10)  # the summary's final loss
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
+    stopper = current_stopper()  # FAULTS: the CLI's SIGINT/SIGTERM handlers; never stops in library use
     try:
         for step in range(1, cfg.train.steps + 1):
             losses, grad_norm, lr = trainer.step(step)
@@ -128,6 +130,11 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 window_start, window_steps = now, 0
                 if writer is not None:
                     writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model))
+            # FAULTS: on SIGINT/SIGTERM every rank stops after the same step (a collective on a mesh); a
+            # signal during the last step lets the run finish. LEAD: save the checkpoint before the raise.
+            signum = stopper.agreed(mesh, step) if step < cfg.train.steps else None
+            if signum is not None:
+                raise Stopped(signum, step)
     finally:
         if writer is not None:
             writer.close()
