@@ -146,8 +146,8 @@ def launch_local(fn: Callable[..., Any], args: tuple, nprocs: int, fork: bool = 
                 return _describe_failure(exc.failures, launch_dir, run_dir)
             except SignalException as exc:
                 # The agent forwarded the signal and waited for the ranks; a second signal cuts that short.
-                cut_short = reaper.kill_all()
-                return _describe_stop(exc.sigval, launch_dir, run_dir, cut_short)
+                reaper.kill_all()
+                return _describe_stop(exc.sigval, launch_dir, run_dir)
             finally:
                 reaper.stop()
     finally:
@@ -224,10 +224,9 @@ class _Reaper:
             if current in armed and time.monotonic() - armed[current] > STOP_GRACE_S:
                 _kill(pids.values())
 
-    def kill_all(self) -> int:
-        """Kill every rank still alive, of every attempt; how many were."""
-        pids = [pid for attempt in self.launch_dir.glob("attempt*") for pid in _pids(attempt).values()]
-        return _kill(pids)
+    def kill_all(self) -> None:
+        """Kill every rank still alive, of every attempt."""
+        _kill(pid for attempt in self.launch_dir.glob("attempt*") for pid in _pids(attempt).values())
 
 
 def _pids(attempt_dir: Path) -> dict[int, int]:
@@ -247,14 +246,11 @@ def _alive_child(pid: int) -> bool:
     return fields[0] != "Z" and int(fields[1]) == os.getpid()
 
 
-def _kill(pids) -> int:
-    killed = 0
+def _kill(pids) -> None:
     for pid in pids:
         if _alive_child(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
-    return killed
 
 
 def _read_records(attempt_dir: Path) -> dict[int, dict[str, Any]]:
@@ -295,13 +291,14 @@ def _describe_failure(failures: dict, launch_dir: Path, run_dir: Path | None) ->
     return LaunchFailure(1, f"rank {rank} {how}{during}; {clause}", [rank])
 
 
-def _describe_stop(signum: int, launch_dir: Path, run_dir: Path | None, cut_short: int) -> LaunchFailure:
+def _describe_stop(signum: int, launch_dir: Path, run_dir: Path | None) -> LaunchFailure:
     records = _read_records(_last_attempt(launch_dir))
-    stopped = [r for r in records.values() if r.get("kind") == "stopped"]
-    message = stop_message(signum, stopped[0]["step"] if stopped else None, run_dir)
-    if cut_short:
-        message = f"interrupted by {signal.Signals(signum).name} before the ranks finished the step; " \
-                  f"{checkpoint_clause(run_dir)}"
+    steps = {r["step"] for r in records.values() if r.get("kind") == "stopped"}
+    if len(steps) == 1 and len(records) == len(_pids(_last_attempt(launch_dir))):  # all stopped, as agreed
+        return LaunchFailure(128 + signum, stop_message(signum, steps.pop(), run_dir), sorted(records))
+    # A second signal, or ranks that did not stop in time: ended at once, mid-step
+    message = f"interrupted by {signal.Signals(signum).name} before the ranks finished the step; " \
+              f"{checkpoint_clause(run_dir)}"
     return LaunchFailure(128 + signum, message, sorted(records))
 
 

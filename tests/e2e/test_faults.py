@@ -4,7 +4,7 @@ killed with SIGKILL, a programmer error on one rank, a frozen rank (the watchdog
 Every run is a subprocess in its own session, with TMPDIR pointing at a private empty directory: after
 it, that directory must be empty again (no torch error files or log dirs) and no process of the session
 may be left. Worker ranks are found as children of the moemesh process; the local launcher forks them
-in rank order, so sorted by pid they are ranks 0, 1, ... gloo on CPU, tiny model, few steps.
+in rank order, so sorted by pid they are ranks 0, 1, ... gloo on CPU (also on a GPU machine), tiny model.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class Run:
         source = str(Path(moemesh.__file__).parents[1])
         env = {**os.environ, "TMPDIR": str(self.tmp),
                "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.proc = subprocess.Popen([*driver, *_sets(f"run.dir={self.run_dir}", *QUIET), *args], cwd=self.cwd,
-                                     stdout=self.out, stderr=self.err, text=True, env=env, start_new_session=True)
+        sets = _sets(f"run.dir={self.run_dir}", "train.device=cpu", *QUIET)
+        self.proc = subprocess.Popen([*driver, *sets, *args], cwd=self.cwd, stdout=self.out, stderr=self.err,
+                                     text=True, env=env, start_new_session=True)
         self.started = time.monotonic()
 
     def workers(self) -> list[int]:
