@@ -279,6 +279,8 @@ def _describe_failure(failures: dict, launch_dir: Path, run_dir: Path | None) ->
     clause = checkpoint_clause(run_dir)
     if code == 3 or kind == "mismatch":  # the watchdog or the order check: a rank has said where
         return LaunchFailure(3, None, [rank])
+    if kind == "user":  # rank 0 has printed the one-line error
+        return LaunchFailure(2, None, [rank])
     if kind == "stopped":  # the signal reached the ranks but not this process
         return LaunchFailure(128 + record["signum"], stop_message(record["signum"], record["step"], run_dir), [rank])
     if kind == "error":
@@ -400,6 +402,7 @@ def _run_rank(cfg: Config, run_dir: Path, source: TokenSource | None, stopper: S
     except UserError as exc:  # a config checked again on a rank of torchrun can only fail the same way
         if rank == 0:
             report(f"error: {exc}")
+        notes.write("user")
         return 2
     except Exception as exc:
         step = mesh.trace.step if mesh is not None else None
