@@ -11,11 +11,15 @@ forward or backward, goes through `AxisComm._issue`, which
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,24 +45,171 @@ class CollectiveTrace:
     step: int = 0
     layer: str = "-"
     count: int = 0
-    waiting: tuple[float, str] | None = None
+    waiting: tuple[float, str, list[int]] | None = None  # since (monotonic), description, group ranks
 
     def describe(self, op: str, axis: str, shape: tuple[int, ...], group_ranks: list[int]) -> str:
         return f"#{self.count} step {self.step} {self.layer}: {op} on {axis} group {group_ranks} shape {list(shape)}"
 
-    def start_watchdog(self, rank: int) -> None:
-        """A daemon thread that reports (and ends the process) when one collective waits too long."""
+    @contextlib.contextmanager
+    def watching(self, what: str, group_ranks: list[int]):
+        """Mark this rank as waiting in a collective for the watchdog while the block runs."""
+        self.waiting = (time.monotonic(), what, group_ranks)
+        try:
+            yield
+        finally:  # a collective that raised is no longer waited on: the watchdog must not report it later
+            self.waiting = None
 
-        def watch():
+    def position(self) -> str:
+        """Where this rank is, for its peers' watchdog reports."""
+        waiting = self.waiting
+        if waiting is None:
+            return f"step {self.step}, not in a collective"
+        return f"waiting {time.monotonic() - waiting[0]:.0f} s in collective {waiting[1]}"
+
+    def start_watchdog(self, rank: int, board: "Board | None" = None) -> None:
+        """Daemon threads that report (and end the process, exit code 3) when one collective waits longer
+        than `timeout_s`. With a board, each rank also posts its position there once a second, so that
+        the report names the peers that never joined and where they were; and the first report tells
+        every rank to end, so that the world stops within seconds instead of leaving ranks blocked in
+        other collectives (or a frozen one) for the launcher's own 30 s grace."""
+        watchdog = _Watchdog(self, rank, board)
+        threading.Thread(target=watchdog.watch, daemon=True, name="moemesh-collective-watchdog").start()
+        if board is not None:
+            threading.Thread(target=watchdog.publish, daemon=True, name="moemesh-watchdog-publisher").start()
+
+
+class Board(Protocol):
+    """Where the watchdogs of one attempt post positions. It must outlive every worker: a c10d store
+    hosted by rank 0 would make every survivor's next post log a C++ stack trace once rank 0 is gone."""
+
+    def post(self, name: str, value: str) -> None: ...
+    def read(self, name: str) -> str | None: ...
+    def claim(self, name: str) -> bool: ...  # True for exactly one caller
+
+
+class FileBoard:
+    """Files in a directory of the local launcher (one host): nothing is lost when a rank dies."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def post(self, name: str, value: str) -> None:
+        partial = self.dir / f".{name}.{os.getpid()}"
+        partial.write_text(value)
+        os.replace(partial, self.dir / name)  # readers never see half a post
+
+    def read(self, name: str) -> str | None:
+        try:
+            return (self.dir / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def claim(self, name: str) -> bool:
+        try:
+            os.close(os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+
+class StoreBoard:
+    """A c10d store that the launcher hosts (torchrun's agent store), for ranks on several hosts. The
+    restart count keeps a restarted group clear of an earlier attempt's keys (that store outlives them)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.prefix = f"moemesh/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+    def post(self, name: str, value: str) -> None:
+        self.store.set(self.prefix + name, value)
+
+    def read(self, name: str) -> str | None:
+        key = self.prefix + name
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def claim(self, name: str) -> bool:
+        return self.store.add(self.prefix + name, 1) == 1
+
+
+STALE_S = 3.0  # a peer that has not posted for this long is frozen or gone (it posts every second)
+BOARD_WAIT_S = 2.0  # a board call from the watchdog never delays its report longer
+
+
+class _Watchdog:
+    def __init__(self, trace: CollectiveTrace, rank: int, board: Board | None):
+        self.trace, self.rank, self.board = trace, rank, board
+
+    def watch(self) -> None:
+        trace = self.trace
+        while True:
+            time.sleep(1.0)
+            waiting = trace.waiting
+            if waiting is not None and time.monotonic() - waiting[0] > trace.timeout_s:
+                self.fire(waiting)
+
+    def publish(self) -> None:
+        """Once a second: our position out, the abort flag in. Posting stops at the first error."""
+        try:
             while True:
+                self.board.post(f"where-{self.rank}", f"{time.time():.3f}|{self.trace.position()}")
+                if self.board.read("abort") is not None:
+                    _end(3)  # another rank's watchdog has reported; it said everything
                 time.sleep(1.0)
-                waiting = self.waiting
-                if waiting is not None and time.monotonic() - waiting[0] > self.timeout_s:
-                    report(f"error: rank {rank} waited {self.timeout_s:.0f} s in collective "
-                           f"{waiting[1]}; the other ranks of that group never joined it")
-                    os._exit(3)
+        except Exception:
+            return
 
-        threading.Thread(target=watch, daemon=True, name="moemesh-collective-watchdog").start()
+    def fire(self, waiting: tuple[float, str, list[int]]) -> None:
+        _, what, group_ranks = waiting
+        peers = _bounded(lambda: self.peers(what, group_ranks), "the other ranks' positions are unknown")
+        first = _bounded(lambda: self.board is None or self.board.claim("fired"), True)
+        if first:
+            report(f"error: rank {self.rank} waited {self.trace.timeout_s:.0f} s in collective {what}; {peers}")
+        _bounded(lambda: self.board is not None and self.board.post("abort", str(self.rank)), None)
+        _end(3)
+
+    def peers(self, what: str, group_ranks: list[int]) -> str:
+        """Which peers of the group are not in this collective, and where they were last seen."""
+        if self.board is None:
+            return "the other ranks of that group never joined it"
+        missing, joined = [], []
+        for peer in group_ranks:
+            if peer == self.rank:
+                continue
+            posted = self.board.read(f"where-{peer}")
+            if posted is None:
+                missing.append(f"rank {peer} never joined (it never posted its position)")
+                continue
+            stamp, position = posted.split("|", 1)
+            age = time.time() - float(stamp)
+            if position.endswith(f"in collective {what}") and age < STALE_S:
+                joined.append(peer)
+                continue
+            seen = f"last seen {age:.0f} s ago" if age >= STALE_S else "last seen"
+            missing.append(f"rank {peer} never joined ({seen}: {position})")
+        if not missing:
+            return f"ranks {joined} are all in it: the backend never completed it"
+        return "; ".join(missing)
+
+
+def _bounded(fn, fallback):
+    """fn() run in a helper thread, or `fallback` if it raises or takes longer than BOARD_WAIT_S."""
+    result = [fallback]
+
+    def run():
+        try:
+            result[0] = fn()
+        except Exception:
+            pass
+
+    helper = threading.Thread(target=run, daemon=True)
+    helper.start()
+    helper.join(BOARD_WAIT_S)
+    return result[0]
+
+
+def _end(code: int) -> None:
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class AxisComm:
@@ -72,14 +223,11 @@ class AxisComm:
         trace = self.trace
         trace.count += 1
         what = trace.describe(op, self.axis, shape, self.ranks)
-        try:
-            if trace.check:  # watched too: a rank that stopped issuing collectives never joins this one
-                trace.waiting = (time.monotonic(), f"(order check before) {what}")
+        if trace.check:  # watched too: a rank that stopped issuing collectives never joins this one
+            with trace.watching(f"(order check before) {what}", list(range(dist.get_world_size()))):
                 _compare_fingerprints(trace, op, self.axis, shape, what)
-            trace.waiting = (time.monotonic(), what)
+        with trace.watching(what, self.ranks):
             fn()
-        finally:  # a collective that raised is no longer waited on: the watchdog must not report it later
-            trace.waiting = None
 
     # --- plain collectives (no autograd) ---
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -24,6 +24,7 @@ from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
 from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.metrics import MetricsWriter, format_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
+from moemesh.train.stop import Stopped, current as current_stopper  # FAULTS
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -131,6 +132,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     recent_lm_losses: deque[torch.Tensor] = deque(maxlen=10)  # the summary's final loss
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
     skipped, every = 0, cfg.run.checkpoint_every
+    stopper = current_stopper()  # the CLI's SIGINT/SIGTERM handlers; never stops in library use
     try:
         for step in range(first + 1, cfg.train.steps + 1):
             losses, grad_norm, lr, updated = trainer.step(step)
@@ -146,8 +148,14 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 window_start, window_steps = now, 0
                 if writer is not None:
                     writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model))
-            if step == cfg.train.steps or (every and step % every == 0):
+            stop = step == cfg.train.steps or (every and step % every == 0)
+            # On SIGINT/SIGTERM every rank stops after the same step (a collective on a mesh), saves and
+            # leaves; a signal during the last step lets the run finish (it saves anyway).
+            signum = stopper.agreed(mesh, step) if step < cfg.train.steps else None
+            if stop or signum is not None:
                 save_checkpoint(trainer, run_dir, step)
+            if signum is not None:
+                raise Stopped(signum, step)
     finally:
         if writer is not None:
             writer.close()
