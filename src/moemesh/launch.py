@@ -24,7 +24,8 @@ from moemesh.errors import UserError, report
 from moemesh.parallel.comm import CollectiveMismatch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource
-from moemesh.train.loop import create_run_dir, preflight, resolve_device, train
+from moemesh.train.loop import preflight, resolve_device, train
+from moemesh.train.rundir import prepare_run_dir
 
 
 WATCHDOG_MARGIN_S = 30
@@ -42,12 +43,22 @@ def train_command(cfg: Config) -> int:
         if given != world:
             raise UserError(f"torchrun started {given} processes but parallel.dp*ep*tp = "
                             f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
-        run_dir = create_run_dir(cfg) if int(os.environ["RANK"]) == 0 else Path(cfg.run.dir)
-        return _worker(cfg.to_dict(), str(run_dir), True, source)
+        if int(os.environ["RANK"]) != 0:
+            return _worker(cfg.to_dict(), cfg.run.dir, True, source)
+        run_dir, lock = prepare_run_dir(cfg, resuming=False)
+        with lock:  # held until this rank exits: _worker ends the process
+            return _worker(cfg.to_dict(), str(run_dir), True, source)
     device = resolve_device(cfg)
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
-    run_dir = create_run_dir(cfg)
+    # This process holds the run dir's lock for the whole run. Forked workers inherit its descriptor and
+    # so share the lock (they never take it themselves); it ends when the last of them exits.
+    run_dir, lock = prepare_run_dir(cfg, resuming=False)
+    with lock:
+        return _run_local(cfg, source, run_dir, world, device)
+
+
+def _run_local(cfg: Config, source: TokenSource, run_dir: Path, world: int, device: torch.device) -> int:
     if world == 1:
         train(cfg, None, source, run_dir)
         return 0

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moemesh.config import Config, to_toml
+from moemesh.config import Config
 from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
@@ -21,6 +20,7 @@ from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.metrics import MetricsWriter, format_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
+from moemesh.train.rundir import prepare_run_dir
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -47,22 +47,6 @@ def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
         raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
                         f"(nccl runs on cuda, gloo on cpu; 'auto' picks)")
     return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, check_ids)
-
-
-def create_run_dir(cfg: Config) -> Path:
-    """Create the run dir and write config.toml; on failure remove every folder this call created."""
-    run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run.dir={cfg.run.dir}: exists and is not a directory")
-    first_new = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    except OSError as exc:
-        if first_new is not None:
-            shutil.rmtree(first_new, ignore_errors=True)
-        raise UserError(f"run.dir={cfg.run.dir}: not writable ({exc.strerror or exc})") from None
-    return run_dir
 
 
 def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> Transformer:
@@ -110,8 +94,9 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     device = resolve_device(cfg)
     source = source or preflight(cfg)
     is_main = mesh is None or mesh.rank == 0
+    lock = None  # held until this function returns; the OS drops it if the process dies
     if is_main and run_dir is None:
-        run_dir = create_run_dir(cfg)
+        run_dir, lock = prepare_run_dir(cfg, resuming=False)
     trainer = Trainer(cfg, mesh, source, device)
     writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -142,6 +127,8 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(format_summary(summary), flush=True)
+    if lock is not None:
+        lock.release()
     return summary
 
 
