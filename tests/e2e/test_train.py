@@ -6,6 +6,8 @@ The figures (loss vs. floor, shakespeare loss) are printed; `pytest -s tests/e2e
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +72,24 @@ def test_shakespeare_beats_unigram_entropy_by_half_a_nat(tmp_path: Path):
     assert summary["entropy_floor"] is None
     assert summary["final_lm_loss"] < unigram - 0.5
     assert summary["final_lm_loss"] < 3.31 - 0.5  # the issue's figure for the corpus, in case the file differs
+
+
+def test_full_disk_stops_the_run_with_one_line_and_whole_records(tmp_path: Path):
+    """RLIMIT_FSIZE (with SIGXFSZ ignored, so writes fail with EFBIG) plays a disk that fills up mid-run."""
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "moemesh", "train", "--set", "train.steps=20", "--set",
+                           "run.log_every=1", "--set", "run.progress=false", "--set", "run.tensorboard=false",
+                           "--set", "run.dir=run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_disk)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "moemesh: error: run.dir=run: cannot write metrics.jsonl (File too large)\n"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert 0 < len(lines) < 20 and all(line.endswith("\n") for line in lines)
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, len(lines) + 1))
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]], ids=["moemesh", "train"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from moemesh.parallel.apply import parallelize
 from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradients
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
-from moemesh.train.metrics import MetricsWriter, format_summary
+from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.rundir import prepare_run_dir
 
@@ -125,7 +124,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         "layout": {"dp": cfg.parallel.dp, "ep": cfg.parallel.ep, "tp": cfg.parallel.tp},
     }
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_summary(run_dir, summary)
         print(format_summary(summary), flush=True)
     if lock is not None:
         lock.release()
