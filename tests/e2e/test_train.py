@@ -6,6 +6,7 @@ The figures (loss vs. floor, shakespeare loss) are printed; `pytest -s tests/e2e
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.config import load_config
+import moemesh
+from moemesh.config import load_config, preset_names
 from moemesh.train.data import unigram_entropy
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
@@ -99,3 +101,12 @@ def test_help_exits_0(argv):
     assert "usage: moemesh" in proc.stdout
     if argv[0] == "train":
         assert "--set" in proc.stdout
+        assert f"Presets: {', '.join(preset_names())}." in " ".join(proc.stdout.split())  # help wraps lines
+        assert preset_names() == ["gpu", "shakespeare", "tiny"]
+
+
+def test_version_prints_the_package_version():
+    proc = subprocess.run([sys.executable, "-m", "moemesh", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"moemesh {moemesh.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", moemesh.__version__)
