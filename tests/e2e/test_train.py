@@ -19,7 +19,8 @@ import moemesh
 from moemesh.config import load_config, preset_names
 from moemesh.train.data import unigram_entropy
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+# The first 150 KB of tinyshakespeare (public domain), shipped so that the test runs in a fresh clone
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "fixtures" / "tinyshakespeare_150k.txt"
 REQUIRED_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
                  "expert_load", "dropped_frac"}
 
@@ -62,18 +63,17 @@ def test_default_tiny_run_outputs_and_gap_to_entropy_floor(tmp_path: Path):
     assert summary["gap_to_floor"] < 0.10
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} absent")
 def test_shakespeare_beats_unigram_entropy_by_half_a_nat(tmp_path: Path):
     run_dir = tmp_path / "run"
     _train(tmp_path, "shakespeare", "--set", f"data.path={SHAKESPEARE}", "--set", f"run.dir={run_dir}",
            "--set", "run.progress=false", "--set", "run.tensorboard=false")
     summary = json.loads((run_dir / "summary.json").read_text())
-    unigram = unigram_entropy(SHAKESPEARE)  # 3.31 nats/byte for tinyshakespeare
-    print(f"\ntinyshakespeare: final lm loss {summary['final_lm_loss']:.4f} nats/byte, unigram entropy "
+    unigram = unigram_entropy(SHAKESPEARE)  # 3.29 nats/byte for the fixture (3.31 for all of tinyshakespeare)
+    print(f"\ntinyshakespeare fixture: final lm loss {summary['final_lm_loss']:.4f} nats/byte, unigram entropy "
           f"{unigram:.4f}, {summary['steps']} steps in {summary['elapsed_s']:.1f} s")
     assert summary["entropy_floor"] is None
+    assert unigram > 3.0  # English text; a fixture replaced by something else would not be
     assert summary["final_lm_loss"] < unigram - 0.5
-    assert summary["final_lm_loss"] < 3.31 - 0.5  # the figure for the corpus, in case the file differs
 
 
 def test_full_disk_stops_the_run_with_one_line_and_whole_records(tmp_path: Path):
