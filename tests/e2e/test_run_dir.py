@@ -51,9 +51,16 @@ def test_earlier_run_is_refused_and_replaced_only_with_overwrite(tmp_path: Path)
     assert "run.overwrite=true" in line and "another run.dir" in line
     assert {name: (run_dir / name).read_bytes() for name in OUTPUTS} == before
 
+    checkpoint = run_dir / "checkpoints" / "step_000002"  # complete: it has its manifest
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text('{"step": 2, "files": {}}')
+    line = _one_error_line(_moemesh(tmp_path, "--set", "run.dir=run", "--set", "train.resume=none"))
+    assert "(metrics.jsonl, summary.json, checkpoints/) and train.resume=none; set train.resume=auto" in line
+
     _ok(_moemesh(tmp_path, "--set", "run.dir=run", "--set", "run.overwrite=true", "--set", "train.steps=3"))
     assert _steps(run_dir) == [3]  # a fresh metrics.jsonl, not the old one with a record appended
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    assert not (run_dir / "checkpoints").exists()
     assert (run_dir / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
 
 

@@ -109,8 +109,8 @@ def _clear_earlier_run(run_dir: Path, cfg: Config) -> None:
         if latest_checkpoint(run_dir) is None:
             what = "and no checkpoint to continue from; set run.overwrite=true to replace it"
         else:
-            what = ("and train.resume=none; set train.resume=auto to continue it, run.overwrite=true to "
-                    "replace it")
+            what = (f"and train.resume={cfg.train.resume}; set train.resume=auto to continue it, "
+                    f"run.overwrite=true to replace it")
         raise UserError(f"run.dir={cfg.run.dir} holds an earlier run ({listed}) {what}, or choose another run.dir")
     for name in found:
         path = run_dir / name
