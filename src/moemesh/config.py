@@ -166,10 +166,14 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
 
 def _read_source(source: str) -> dict[str, Any]:
     path = Path(source)
-    if source in preset_names() and not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. ENAMETOOLONG, which Path.exists() raises rather than answering False
+        raise ConfigError(f"config {source}: cannot read it ({exc.strerror or exc})") from None
+    if source in preset_names() and not exists:
         text = resources.files("moemesh.presets").joinpath(f"{source}.toml").read_text()
         return _parse_toml(text, f"preset {source}")
-    if not path.exists():
+    if not exists:
         raise ConfigError(f"config {source}: no such file, and not a preset (presets: {', '.join(preset_names())})")
     try:
         text = path.read_text(encoding="utf-8")

@@ -40,10 +40,11 @@ from moemesh.parallel.comm import Board, CollectiveMismatch, FileBoard, StoreBoa
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.data import TokenSource
-from moemesh.train.loop import NonFiniteLoss, create_run_dir, preflight, resolve_device, train
+from moemesh.train.loop import NonFiniteLoss, preflight, resolve_device, train
 from moemesh.plan.memory import check_memory, ranks_on_this_host
 from moemesh.train.resume import choose_checkpoint
 from moemesh.train.stop import Stopped, Stopper, checkpoint_clause, handling_signals, stop_message
+from moemesh.train.rundir import prepare_run_dir
 
 
 WATCHDOG_MARGIN_S = 30
@@ -79,12 +80,24 @@ def train_command(cfg: Config) -> int:
         if given != world:
             raise UserError(f"torchrun started {given} processes but parallel.dp*ep*tp = "
                             f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
-        run_dir = create_run_dir(cfg) if int(os.environ["RANK"]) == 0 else Path(cfg.run.dir)
-        return _worker(cfg.to_dict(), str(run_dir), resume, True, source)
+        if int(os.environ["RANK"]) != 0:
+            return _worker(cfg.to_dict(), cfg.run.dir, resume, True, source)
+        run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
+        with lock:  # held until this rank exits: _worker ends the process
+            return _worker(cfg.to_dict(), str(run_dir), resume, True, source)
     device = resolve_device(cfg)
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
-    run_dir = create_run_dir(cfg)
+    # This process holds the run dir's lock for the whole run. Forked workers inherit its descriptor and
+    # so share the lock (they never take it themselves); it ends when the last of them exits.
+    run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
+    with lock:
+        return _run_local(cfg, source, run_dir, resume_from, world, device)
+
+
+def _run_local(cfg: Config, source: TokenSource, run_dir: Path, resume_from: Path | None, world: int,
+               device: torch.device) -> int:
+    resume = str(resume_from) if resume_from is not None else None
     if world == 1:
         return _train_single(cfg, source, run_dir, resume_from)
     # Stopped ranks get a step, a checkpoint and a margin; a hung one is ended by its watchdog before.

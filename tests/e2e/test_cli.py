@@ -22,6 +22,7 @@ TEXT = ["--set", "data.source=text", "--set", "model.vocab_size=256"]
 # Overrides put first, so that a case that wrongly passes validation trains 2 steps, not 200.
 CHEAP = ["--set", "train.steps=2", "--set", "run.progress=false", "--set", "run.tensorboard=false"]
 _ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+LONG = "x" * 300
 
 
 def _bin(values, dtype) -> bytes:
@@ -88,6 +89,12 @@ CASES = [
                  id="run-dir-is-file"),
     pytest.param(["--set", "run.dir=new/" + "x" * 300 + "/run"], {}, ["run.dir=new/", "not writable"],
                  id="run-dir-name-too-long"),
+    # a path component over NAME_MAX (255 bytes): Path.exists() raises ENAMETOOLONG instead of answering
+    pytest.param([LONG + ".toml"], {}, [f"config {LONG}.toml", "too long"], id="config-name-too-long"),
+    pytest.param(TEXT + ["--set", f"data.path={LONG}"], {}, [f"data.path={LONG}", "too long"],
+                 id="data-path-name-too-long"),
+    pytest.param(["--set", f"run.dir={LONG}"], {}, [f"run.dir={LONG}", "not writable", "too long"],
+                 id="run-dir-component-too-long"),
     pytest.param(["--set", "run.dir=/proc/moemesh-e2e-run"], {}, ["run.dir=/proc/moemesh-e2e-run", "not writable"],
                  id="run-dir-in-proc", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")),
 ]

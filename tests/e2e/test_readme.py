@@ -7,9 +7,11 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from moemesh.config import Config
+from moemesh.config import Config, load_config
+from moemesh.train.data import build_source
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tinyshakespeare_150k.txt"
 _ROW = re.compile(r"^\| (\w+) \| `(\w+)` \| ([^|]+) \|")
 
 
@@ -42,3 +44,16 @@ def test_readme_config_table_lists_every_field_with_its_default():
     assert documented.keys() == actual.keys()
     for key, value in actual.items():
         assert documented[key] == value and type(documented[key]) is type(value), key
+
+
+def test_readme_my_run_toml_example_loads_as_written(tmp_path: Path, monkeypatch):
+    """The README's config-file example, exactly as printed, with its corpus.txt beside it."""
+    block = re.search(r"```toml\n(# my_run\.toml\n.*?)```", README.read_text(), re.DOTALL)
+    assert block, "README lost its my_run.toml example"
+    (tmp_path / "my_run.toml").write_text(block.group(1))
+    (tmp_path / "corpus.txt").write_bytes(FIXTURE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("my_run.toml")
+    assert (cfg.data.source, cfg.data.path, cfg.train.steps) == ("text", "corpus.txt", 1000)
+    source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    assert source.global_batch(1, cfg.train.global_batch, cfg.train.seq_len).max() < cfg.model.vocab_size

@@ -11,6 +11,7 @@ Contents (keys of the DCP state dict):
   optim/step                   AdamW's step count (the same for every parameter)
   train/step                   optimizer steps done; the LR schedule and the data stream are pure
                                functions of (config, step), so this is also their position
+  train/recent_lm_losses       the last 10 lm losses (summary.json's final_lm_loss)
   rng/cpu, rng/cuda            the torch generators
 Beside them: config.toml (the resolved config) and layout.json (the placement table it was written at).
 Written into a temporary directory, fsynced, checksummed into manifest.json, then renamed (ckpt_paths).
@@ -31,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from moemesh.config import to_toml
 from moemesh.errors import UserError
 from moemesh.parallel.apply import full_buffers
+from moemesh.train.rundir import resolved_config
 from moemesh.train.ckpt_paths import (CHECKPOINTS, checkpoint_name, complete_checkpoints, fsync_path, problem_with,
                                       step_of, write_manifest)
 
@@ -75,6 +77,11 @@ def _state(trainer: "Trainer", step: int) -> dict[str, Any]:
         state[f"model/{name}"] = buffer
     state["optim/step"] = first_step.detach().clone().cpu()
     state["train/step"] = torch.tensor(step, dtype=torch.int64)
+    # the last lm losses (NaN-padded), so that a resumed run's summary equals an undisturbed one's
+    recent = torch.full((trainer.recent_lm_losses.maxlen,), float("nan"))
+    if trainer.recent_lm_losses:
+        recent[: len(trainer.recent_lm_losses)] = torch.stack(list(trainer.recent_lm_losses)).float().cpu()
+    state["train/recent_lm_losses"] = recent
     state["rng/cpu"] = torch.get_rng_state()
     if trainer.device.type == "cuda":
         state["rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
@@ -103,7 +110,7 @@ def save_checkpoint(trainer: "Trainer", run_dir: Path, step: int) -> Path:
         with _quiet():
             dcp.save(_state(trainer, step), checkpoint_id=str(staging), no_dist=mesh is None)
         if is_main:
-            (staging / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+            (staging / "config.toml").write_text(to_toml(resolved_config(cfg)), encoding="utf-8")
             (staging / "layout.json").write_text(trainer.layout.to_json(), encoding="utf-8")
             write_manifest(staging, step)
             staging.rename(final)
@@ -183,6 +190,8 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
     optim_step = state["optim/step"]
     for slots in trainer.optimizer.state.values():
         slots["step"].copy_(optim_step)
+    trainer.recent_lm_losses.clear()
+    trainer.recent_lm_losses.extend(v.to(trainer.device) for v in state["train/recent_lm_losses"] if not torch.isnan(v))
     torch.set_rng_state(state["rng/cpu"])
     if "rng/cuda" in state and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng/cuda"], trainer.device)

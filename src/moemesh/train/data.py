@@ -244,11 +244,14 @@ def _check_length(path: str, num_tokens: int, seq_len: int) -> None:
 
 def _file_size(path: str) -> int:
     file = Path(path)
-    if not file.exists():
-        raise UserError(f"data.path={path}: no such file")
-    if not file.is_file():
-        raise UserError(f"data.path={path}: not a regular file")
-    return file.stat().st_size
+    try:
+        if not file.exists():
+            raise UserError(f"data.path={path}: no such file")
+        if not file.is_file():
+            raise UserError(f"data.path={path}: not a regular file")
+        return file.stat().st_size
+    except OSError as exc:  # e.g. ENAMETOOLONG, which Path.exists() raises rather than answering False
+        raise UserError(f"data.path={path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _read_bytes(path: str) -> bytes:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moemesh.config import Config, to_toml
+from moemesh.config import Config
 from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
@@ -22,9 +20,10 @@ from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
 from moemesh.train.ckpt_paths import latest_checkpoint
-from moemesh.train.metrics import MetricsWriter, format_summary
+from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
-from moemesh.train.stop import Stopped, current as current_stopper  # FAULTS
+from moemesh.train.stop import Stopped, current as current_stopper
+from moemesh.train.rundir import prepare_run_dir
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -53,27 +52,14 @@ def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, check_ids)
 
 
-def create_run_dir(cfg: Config) -> Path:
-    """Create the run dir and write config.toml; on failure remove every folder this call created."""
-    run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run.dir={cfg.run.dir}: exists and is not a directory")
-    first_new = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    except OSError as exc:
-        if first_new is not None:
-            shutil.rmtree(first_new, ignore_errors=True)
-        raise UserError(f"run.dir={cfg.run.dir}: not writable ({exc.strerror or exc})") from None
-    return run_dir
-
-
 def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[Transformer, Layout]:
     """Same initial weights at every layout: the full model is built from the seed, then sharded."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     return parallelize(model, mesh, cfg.parallel)
+
+
+RECENT_LOSSES = 10  # summary.json's final_lm_loss is their mean
 
 
 class Trainer:
@@ -85,6 +71,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
+        self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
         """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr, updated).
@@ -123,13 +110,15 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     device = resolve_device(cfg)
     source = source or preflight(cfg)
     is_main = mesh is None or mesh.rank == 0
+    lock = None  # held until this function returns; the OS drops it if the process dies
     if is_main and run_dir is None:
-        run_dir = create_run_dir(cfg)
+        run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
     trainer = Trainer(cfg, mesh, source, device)
     first = load_checkpoint(trainer, resume_from) if resume_from is not None else 0
-    writer = MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress) if is_main else None
+    writer = (MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress, start_step=first)
+              if is_main else None)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    recent_lm_losses: deque[torch.Tensor] = deque(maxlen=10)  # the summary's final loss
+    recent_lm_losses = trainer.recent_lm_losses  # the summary's final loss (restored by a resume)
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
     skipped, every = 0, cfg.run.checkpoint_every
     stopper = current_stopper()  # the CLI's SIGINT/SIGTERM handlers; never stops in library use
@@ -171,8 +160,10 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         "skipped_steps": skipped,
     }
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_summary(run_dir, summary)
         print(format_summary(summary), flush=True)
+    if lock is not None:
+        lock.release()
     return summary
 
 
