@@ -184,3 +184,21 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(four_steps: Path):
     again = _moemesh(four_steps, "train.steps=6", "run.dir=run", *QUIET)
     assert again.returncode == 0, _ok(again)
     assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 4
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_diverging_run_stops_at_the_first_non_finite_step(tmp_path: Path, world):
+    proc = _moemesh(tmp_path, "train.lr=1e6", "train.warmup_steps=1", "train.steps=50", "run.checkpoint_every=1",
+                    f"parallel.dp={world}", "run.dir=run", *QUIET)
+    assert proc.returncode == 1, _ok(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moemesh: error: step "), _ok(proc)
+    assert "is not finite" in lines[0] and "last good checkpoint: run/checkpoints/step_" in lines[0], lines[0]
+    bad_step = int(lines[0].split("step ")[1].split(":")[0])
+    records = _records(tmp_path / "run")
+    assert records and records[-1]["step"] == bad_step - 1, "the non-finite step is neither applied nor logged"
+    text = (tmp_path / "run/metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    skipping = _moemesh(tmp_path, "train.lr=1e6", "train.warmup_steps=1", "train.steps=50", "train.skip_nonfinite=2",
+                        f"parallel.dp={world}", "run.dir=skip", *QUIET)
+    assert skipping.returncode == 1 and "more than train.skip_nonfinite=2 such steps" in skipping.stderr, _ok(skipping)

@@ -175,7 +175,9 @@ def test_torchrun_refuses_before_any_process_group(cwd: Path, layout, expected):
                   *_sets(*layout, "train.steps=2", *QUIET)], cwd)
     assert proc.returncode != 0, _ok(proc)  # the torchrun agent's own code for "a worker failed"
     ours = [line for line in proc.stderr.splitlines() if line.startswith("moemesh:")]
-    assert len(ours) == 2, proc.stderr  # one line from each rank
+    # one line from each rank that got that far: torchrun stops the other rank as soon as one has failed,
+    # which on a loaded machine can be before its interpreter has started
+    assert 1 <= len(ours) <= 2, proc.stderr
     assert all(line.startswith(f"moemesh: error: {expected}") for line in ours), proc.stderr
     assert "exitcode  : 2" in proc.stderr, proc.stderr  # the agent's report of the ranks' exit code
     _no_moemesh_traceback(proc.stderr)

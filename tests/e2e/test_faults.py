@@ -147,6 +147,13 @@ def test_signal_finishes_the_step_and_exits_128_plus_signum(tmp_path: Path, worl
     assert step >= 3 and _records(run.run_dir)[-1]["step"] == step, "every rank stopped after the logged step"
     assert match.group(2) == _checkpoint_clause(run.run_dir, step), ended
     assert ended.out == "" and not (run.run_dir / "summary.json").exists(), ended
+    if signum == signal.SIGINT:  # `moemesh train` again continues from that checkpoint
+        again = Run(tmp_path, "again", _sets(f"parallel.dp={world}", f"train.steps={step + 2}", "run.log_every=1",
+                                             f"run.dir={run.run_dir}"))
+        resumed = again.end()
+        assert resumed.code == 0, resumed
+        assert json.loads((run.run_dir / "summary.json").read_text())["resumed_from_step"] == step
+        assert [r["step"] for r in _records(run.run_dir)] == list(range(1, step + 3))
 
 
 # --- 2. a rank dies or fails: one line from the launcher, exit 1, nothing left --------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def _steps(run_dir: Path) -> list[int]:
 def test_earlier_run_is_refused_and_replaced_only_with_overwrite(tmp_path: Path):
     _ok(_moemesh(tmp_path, "--set", "run.dir=run"))
     run_dir = tmp_path / "run"
+    shutil.rmtree(run_dir / "checkpoints")  # as if the run had died before its first checkpoint
     (run_dir / "notes.txt").write_text("mine")
     before = {name: (run_dir / name).read_bytes() for name in OUTPUTS}
 
@@ -60,7 +62,7 @@ def test_earlier_run_is_refused_and_replaced_only_with_overwrite(tmp_path: Path)
     _ok(_moemesh(tmp_path, "--set", "run.dir=run", "--set", "run.overwrite=true", "--set", "train.steps=3"))
     assert _steps(run_dir) == [3]  # a fresh metrics.jsonl, not the old one with a record appended
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
-    assert not (run_dir / "checkpoints").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000003"]  # the old ones went
     assert (run_dir / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moemesh.config import Config, load_config
 from moemesh.errors import ConfigError, UserError, report
+from moemesh.train.rundir import check_run_dir
 from moemesh.train.ckpt_paths import CHECKPOINTS, MANIFEST, problem_with, step_of
 
 # Settings that change the data a step sees: resuming across them must be asked for.
@@ -23,6 +24,7 @@ DATA_KEYS = ("data.source", "data.path", "data.token_dtype", "data.branching", "
 def choose_checkpoint(cfg: Config) -> Path | None:
     if cfg.train.resume == "none" or cfg.run.overwrite:
         return None
+    check_run_dir(cfg)  # an unusable run.dir path is named before any checkpoint is looked for
     if cfg.train.resume == "auto":
         path = _newest_loadable(Path(cfg.run.dir))
         if path is None:

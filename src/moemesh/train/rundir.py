@@ -66,6 +66,17 @@ class RunDirLock:
         self.release()
 
 
+def check_run_dir(cfg: Config) -> Path | None:
+    """A usable run.dir path (or a one-line UserError); returns the first of its folders not yet there."""
+    run_dir, shown = Path(cfg.run.dir), cfg.run.dir
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run.dir={shown}: exists and is not a directory")
+        return next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
+    except OSError as exc:  # e.g. ENAMETOOLONG: Path.exists() raises it rather than returning False
+        raise UserError(f"run.dir={shown}: not writable ({exc.strerror or exc})") from None
+
+
 def prepare_run_dir(cfg: Config, resuming: bool) -> tuple[Path, RunDirLock]:
     """Create (if needed) and lock `run.dir`, clear or refuse an earlier run, write config.toml.
 
@@ -74,12 +85,7 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> tuple[Path, RunDirLock]:
     The caller holds the returned lock for the whole run. On failure every folder this call created
     is removed again, and a lock file it created too."""
     run_dir, shown = Path(cfg.run.dir), cfg.run.dir
-    try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"run.dir={shown}: exists and is not a directory")
-        first_new = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
-    except OSError as exc:  # e.g. ENAMETOOLONG: Path.exists() raises it rather than returning False
-        raise UserError(f"run.dir={shown}: not writable ({exc.strerror or exc})") from None
+    first_new = check_run_dir(cfg)
     lock = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
