@@ -138,7 +138,9 @@ def _truncate_after(path: Path, start_step: int) -> None:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"moemesh: {summary['steps']} steps in {summary['elapsed_s']:.1f} s, "
+    first = summary.get("resumed_from_step") or 0
+    done = f"{summary['steps']} steps" if not first else f"steps {first + 1}-{summary['steps']} (resumed)"
+    lines = [f"moemesh: {done} in {summary['elapsed_s']:.1f} s, "
              f"{summary['tokens_per_s']:.0f} tokens/s, final lm loss {summary['final_lm_loss']:.4f} nats/token"]
     if summary.get("entropy_floor") is not None:
         lines.append(f"entropy floor of the synthetic source {summary['entropy_floor']:.4f} nats/token: "
