@@ -82,6 +82,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir, if any) | "none" | a checkpoint path
     allow_data_change: bool = False  # resume even if data.* or the batch shape differ from the checkpoint's
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
+    activation_checkpointing: str = "none"  # "none" | "moe" (recompute MoE layers in backward) | "full" (blocks)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class RunConfig:
     overwrite: bool = False  # start afresh in a run dir that holds an earlier run's outputs
     max_restarts: int = 0  # local launch: restart every rank from the last checkpoint after a failure, N times
     debug: bool = False  # show every rank's traceback on failure
+    peak_tflops: float = 780.0  # per-GPU bf16 peak for MFU (measured 8192^3 matmul on an H200)
 
 
 @dataclass
@@ -134,6 +136,7 @@ CHOICES = {
     "parallel.backend": ("auto", "gloo", "nccl"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.activation_checkpointing": ("none", "moe", "full"),
     "data.source": ("synthetic", "text", "bin"),
     "data.token_dtype": ("uint16", "uint32"),
 }
@@ -141,7 +144,8 @@ POSITIVE = (
     "model.vocab_size model.dim model.n_layers model.n_heads model.n_kv_heads model.max_seq_len "
     "model.num_experts model.top_k model.ffn_dim model.dense_ffn_dim model.rope_theta model.norm_eps "
     "model.init_std model.capacity_factor parallel.dp parallel.ep parallel.tp parallel.timeout_s "
-    "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints"
+    "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints "
+    "run.peak_tflops"
 ).split()
 NON_NEGATIVE = (
     "model.num_shared_experts model.num_dense_layers model.aux_loss_coef model.z_loss_coef "

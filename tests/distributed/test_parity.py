@@ -28,6 +28,8 @@ CASES = {
         Case("dp2-sigmoid-shared", (2, 1, 1), ["model.router=sigmoid", "model.num_shared_experts=1"]),
         Case("tp2-dropless-clipped", (1, 1, 2), ["train.grad_clip=0.1"]),
         Case("ep2-dropless", (1, 2, 1)),
+        Case("tp2-sp-recompute-full", (1, 1, 2),
+             ["parallel.sequence_parallel=true", "train.activation_checkpointing=full"]),
     ],
     4: [
         Case("tp4-shared", (1, 1, 4), [*TP4, "model.num_shared_experts=2"]),
@@ -38,6 +40,8 @@ CASES = {
         Case("ep2-tp2-capacity-shared-sp", (1, 2, 2),
              ["model.dispatch=capacity", "model.capacity_factor=1.0", "model.num_shared_experts=1",
               "parallel.sequence_parallel=true"]),
+        Case("ep2-tp2-recompute-moe-shared", (1, 2, 2),
+             ["train.activation_checkpointing=moe", "model.num_shared_experts=1"]),
         Case("ep4-imbalance-dropless", (1, 4, 1), ["model.top_k=1"], steps=2, force_expert=3),
         Case("ep4-imbalance-capacity", (1, 4, 1),
              ["model.top_k=1", "model.dispatch=capacity", "model.capacity_factor=1.0"], steps=2, force_expert=3),

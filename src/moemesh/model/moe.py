@@ -71,9 +71,10 @@ class Router(nn.Module):
         return Routing(weights_TK, experts_TK, probs_TE, logits_TE)
 
     @torch.no_grad()
-    def update_bias(self, counts_E: torch.Tensor, rate: float) -> None:
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
-        if self.kind == "sigmoid" and rate > 0:
+    def update_bias(self, counts_E: torch.Tensor, rate: float | torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+        `rate` may be a tensor (0 for a skipped step), so that no host sync is needed."""
+        if self.kind == "sigmoid" and (isinstance(rate, torch.Tensor) or rate > 0):
             self.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
 
 
@@ -121,9 +122,11 @@ def combine(y_RD: torch.Tensor, order_R: torch.Tensor, weights_TK: torch.Tensor)
     (deterministic, unlike an atomic index_add)."""
     num_tokens, top_k = weights_TK.shape
     w_R = weights_TK.reshape(-1)[order_R]
-    slots_AD = y_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1], dtype=torch.float32)
-    slots_AD[order_R] = y_RD.float() * w_R[:, None]
-    return slots_AD.view(num_tokens, top_k, -1).sum(dim=1)
+    # Slots in the experts' dtype (bf16 under autocast: half the bytes of the T*K*D buffer kept for
+    # backward); the sum over choices accumulates in fp32. In fp32 this is the same arithmetic as before.
+    slots_AD = y_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1])
+    slots_AD[order_R] = y_RD * w_R[:, None].to(y_RD.dtype)
+    return slots_AD.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32)
 
 
 def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:

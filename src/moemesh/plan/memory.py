@@ -3,7 +3,7 @@ allocated (the layout planner extends this module; the sharding itself is read f
 never modelled a second time).
 
 Terms per rank: parameters, gradients and AdamW moments (fp32, local shards from the table); the full
-model that every rank builds on the host before slicing out its shards (`train.loop.build_model`);
+model that every rank builds on its device before slicing out its shards (`train.loop.build_model`);
 activations kept for backward by the real code path (below); and a fixed runtime overhead per process.
 
 Activations of one micro-batch of T = global_batch / (dp*ep) * seq_len tokens, b bytes per element
@@ -42,9 +42,9 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.activations + self.overhead
 
     @property
-    def host(self) -> int:
-        """Peak in host memory per rank while the model is built (the device path adds nothing here)."""
-        return self.full_model + PROCESS_OVERHEAD["cpu"]
+    def device_peak(self) -> int:
+        """The model is built whole on the device first, before training allocates the rest."""
+        return max(self.device, self.full_model + self.overhead)
 
 
 def estimate(cfg: Config, device_type: str) -> MemoryEstimate:
@@ -92,10 +92,10 @@ def check_memory(cfg: Config, device_type: str, ranks_here: int) -> MemoryEstima
         import torch
 
         free, total = torch.cuda.mem_get_info()
-        if est.device > total:
-            raise UserError(f"the run needs ≈{est.device / GIB:.1f} GiB per GPU ({_parts(est)}) at {where}; "
+        if est.device_peak > total:
+            raise UserError(f"the run needs ≈{est.device_peak / GIB:.1f} GiB per GPU ({_parts(est)}) at {where}; "
                             f"this GPU has {total / GIB:.1f} GiB (use more ranks, a smaller model or batch)")
-        host_need = ranks_here * est.host
+        host_need = ranks_here * PROCESS_OVERHEAD["cpu"]
     else:
         host_need = ranks_here * (est.device + est.full_model)
     if host is not None and host_need > host:

@@ -23,6 +23,9 @@ from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
+from moemesh.plan.flops import flops_per_token
+from moemesh.train.prefetch import BatchPrefetcher
+from moemesh.train.recompute import apply_activation_checkpointing
 from moemesh.train.rundir import prepare_run_dir
 
 
@@ -53,10 +56,15 @@ def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
 
 
 def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[Transformer, Layout]:
-    """Same initial weights at every layout: the full model is built from the seed, then sharded."""
+    """Same initial weights at every layout: the full model is built from the seed, then sharded. It is
+    built directly on the device (on a GPU: a second for billions of parameters, instead of tens on the
+    host), so a CUDA run's initial weights come from the CUDA generator."""
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
-    return parallelize(model, mesh, cfg.parallel)
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    model, layout = parallelize(model, mesh, cfg.parallel)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    return model, layout
 
 
 RECENT_LOSSES = 10  # summary.json's final_lm_loss is their mean
@@ -68,19 +76,33 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh | None, source: TokenSource, device: torch.device):
         self.cfg, self.mesh, self.source, self.device = cfg, mesh, source, device
         self.model, self.layout = build_model(cfg, device, mesh)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        # On a GPU the step runs ahead of the host: fused AdamW (a few kernels, not ~1,000 launches) skips
+        # a non-finite step on the device, and the host learns of it later, when it reads the metrics.
+        self.on_device_checks = device.type == "cuda"
+        self.optimizer = build_optimizer(self.model, cfg.train, fused=self.on_device_checks)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
+        self.prefetcher = BatchPrefetcher(self._local_batch, device) if device.type == "cuda" else None
 
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    def _local_batch(self, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        batch = self.source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len)
+        return shard_batch(batch, self.shard, self.num_shards)
+
+    def batch(self, step: int) -> torch.Tensor:
+        if self.prefetcher is not None:
+            return self.prefetcher.get(step)
+        return self._local_batch(step).to(self.device)
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool | torch.Tensor]:
         """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr, updated).
-        A step whose loss or gradient norm is not finite is not applied (updated=False)."""
+        A step whose loss or gradient norm is not finite is not applied: updated is False, or on a GPU a
+        bool tensor that the caller reads when it next syncs anyway."""
         cfg, model = self.cfg, self.model
         if self.mesh is not None:
             self.mesh.trace.step = step
-        batch_BS = shard_batch(self.source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len),
-                               self.shard, self.num_shards).to(self.device)
+        batch_BS = self.batch(step)
         lr = lr_at(step, cfg.train)
         set_lr(self.optimizer, lr)
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
@@ -90,13 +112,36 @@ class Trainer:
         grad_norm = clip_grad_norm(model, self.layout, cfg.train.grad_clip, self.mesh)
         losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), self.mesh)
         # Both are global (all-reduced), so every rank takes the same decision.
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses).all())
-        if finite:
+        finite = torch.isfinite(grad_norm) & torch.isfinite(losses).all()
+        if self.on_device_checks:
+            self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves params, moments and step as they are
+            self.optimizer.step()
+            for moe in model.moe_layers():
+                moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate * finite)
+        elif finite := bool(finite):
             self.optimizer.step()
             for moe in model.moe_layers():
                 moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
         self.optimizer.zero_grad(set_to_none=True)
         return losses, grad_norm, lr, finite
+
+
+class Speedometer:
+    """On a GPU: TFLOP/s per GPU, MFU against `run.peak_tflops` and peak memory, for metrics and summary."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.on = device.type == "cuda"
+        if self.on:
+            self.flops_per_token = flops_per_token(cfg).per_token
+            self.gpus, self.peak = cfg.parallel.world_size, cfg.run.peak_tflops * 1e12
+            self.device = device
+
+    def record(self, tokens_per_s: float) -> dict[str, float]:
+        if not self.on:
+            return {}
+        flops = self.flops_per_token * tokens_per_s / self.gpus
+        return {"tflops_per_gpu": flops / 1e12, "mfu": flops / self.peak,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
 
 class NonFiniteLoss(Exception):
@@ -121,31 +166,49 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     recent_lm_losses = trainer.recent_lm_losses  # the summary's final loss (restored by a resume)
     window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
     skipped, every = 0, cfg.run.checkpoint_every
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # GPU: finiteness not read yet
+    speed = Speedometer(cfg, device)
     stopper = current_stopper()  # the CLI's SIGINT/SIGTERM handlers; never stops in library use
+
+    def count_skipped(step: int, updated, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        nonlocal skipped
+        if not updated:
+            skipped += 1
+            if skipped > cfg.train.skip_nonfinite:
+                raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
+
     try:
         for step in range(first + 1, cfg.train.steps + 1):
             losses, grad_norm, lr, updated = trainer.step(step)
-            if not updated:
-                skipped += 1
-                if skipped > cfg.train.skip_nonfinite:
-                    raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
+            if isinstance(updated, torch.Tensor):
+                pending.append((step, updated, losses, grad_norm))
+            else:
+                count_skipped(step, updated, losses, grad_norm)
             recent_lm_losses.append(losses[1])
             window_steps += 1
-            if step % cfg.run.log_every == 0 or step == cfg.train.steps:
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step * window_steps / (now - window_start)
-                window_start, window_steps = now, 0
-                if writer is not None:
-                    writer.log(step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model))
             stop = step == cfg.train.steps or (every and step % every == 0)
             # On SIGINT/SIGTERM every rank stops after the same step (a collective on a mesh), saves and
             # leaves; a signal during the last step lets the run finish (it saves anyway).
             signum = stopper.agreed(mesh, step) if step < cfg.train.steps else None
+            logged = step % cfg.run.log_every == 0 or step == cfg.train.steps
+            if logged or stop or signum is not None:
+                for pending_step, flag, pending_losses, pending_norm in pending:  # reading the flags syncs
+                    count_skipped(pending_step, bool(flag), pending_losses, pending_norm)
+                pending.clear()
+            if logged:
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * window_steps / (now - window_start)
+                window_start, window_steps = now, 0
+                if writer is not None:
+                    writer.log({**step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model),
+                                **speed.record(tokens_per_s)})
             if stop or signum is not None:
                 save_checkpoint(trainer, run_dir, step)
             if signum is not None:
                 raise Stopped(signum, step)
     finally:
+        if trainer.prefetcher is not None:
+            trainer.prefetcher.close()
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
@@ -157,7 +220,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
         "gap_to_floor": None if source.entropy_floor is None else tail / source.entropy_floor - 1,
         "layout": {"dp": cfg.parallel.dp, "ep": cfg.parallel.ep, "tp": cfg.parallel.tp},
-        "skipped_steps": skipped,
+        "skipped_steps": skipped, **speed.record(tokens_per_step * done / elapsed),
     }
     if is_main:
         write_summary(run_dir, summary)

@@ -86,7 +86,8 @@ class MetricsWriter:
             for layer, frac in enumerate(record.get("dropped_frac", [])):
                 self.tb.add_scalar(f"dropped_frac/layer{layer}", frac, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
             self.bar.update(step - self.bar.n)
 
     def _append(self, data: bytes) -> None:
@@ -145,5 +146,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("entropy_floor") is not None:
         lines.append(f"entropy floor of the synthetic source {summary['entropy_floor']:.4f} nats/token: "
                      f"loss is {100 * summary['gap_to_floor']:.1f}% above it")
+    if summary.get("mfu") is not None:
+        lines.append(f"{summary['tflops_per_gpu']:.0f} TFLOP/s per GPU, MFU {100 * summary['mfu']:.1f}%, "
+                     f"peak memory {summary['peak_memory_gib']:.1f} GiB")
     lines.append(f"run dir: {summary['run_dir']}")
     return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""End-to-end training speed on one GPU, before and after (issue 7), in one device call:
+
+  (b) tokens/s, TFLOP/s, MFU (of 780 TFLOP/s, the measured H200 bf16 matmul ceiling) and peak memory of
+      the `gpu` preset, a Mixtral-shaped and a fine-grained config, each with the code of commit 671d157
+      ("before", carried in .before/src) and the current code ("after"), same process tree, same GPU;
+      start-up time (building the model to the first step); activation checkpointing variants;
+  (c) a profile of two steady-state steps of the current code: share of GPU time in GEMMs, attention,
+      the optimizer, elementwise/other kernels, and idle;
+  loss curves of 200 bf16 steps of the `gpu` preset, before and after.
+
+    PYTHONPATH=src python3 bench/train_e2e.py --out $OUT          # needs .before/ (see docs/benchmarks.md)
+    PYTHONPATH=src python bench/train_e2e.py --cpu-dry-run --out /tmp/x
+
+Each training run is a child process (`--child`) that imports moemesh from the tree it is given, runs
+`moemesh.train.loop.train` in-process and reports tokens/s (median of the logged windows after warm-up,
+from metrics.jsonl), peak memory and start-up seconds as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = 780.0
+CONFIGS = {
+    "gpu-preset": ("gpu", []),
+    "mixtral-shaped": ("gpu", ["model.n_layers=2", "model.dim=4096", "model.ffn_dim=14336", "model.num_experts=8",
+                               "model.top_k=2", "model.n_heads=32", "model.n_kv_heads=8", "model.vocab_size=32000",
+                               "model.max_seq_len=4096", "train.seq_len=4096", "train.global_batch=4"]),
+    "fine-grained": ("gpu", ["model.n_layers=6", "model.dim=2048", "model.ffn_dim=1408", "model.num_experts=64",
+                             "model.top_k=6", "model.n_heads=16", "model.n_kv_heads=4", "model.vocab_size=32000",
+                             "model.max_seq_len=4096", "train.seq_len=4096", "train.global_batch=4"]),
+}
+
+
+def child(args) -> None:
+    """One training run in this process, with the moemesh of sys.path; prints one JSON line."""
+    import torch
+
+    from moemesh.config import load_config
+    from moemesh.train.loop import train
+
+    cfg = load_config(args.preset, [*json.loads(args.overrides), f"run.dir={args.run_dir}", "run.progress=false",
+                                    "run.tensorboard=false"])
+    if args.profile:
+        _profile(cfg, args)
+        return
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    summary = train(cfg)
+    total = time.perf_counter() - started
+    records = [json.loads(line) for line in open(Path(args.run_dir) / "metrics.jsonl")]
+    steady = [r["tokens_per_s"] for r in records if r["step"] > args.warmup] or [records[-1]["tokens_per_s"]]
+    out = {"tokens_per_s": statistics.median(steady), "windows": len(steady),
+           "startup_s": total - summary["elapsed_s"],
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+           "losses": [[r["step"], r["lm_loss"]] for r in records], "final_lm_loss": summary["final_lm_loss"]}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _profile(cfg, args) -> None:
+    """Two profiled steps after warm-up; GPU time by kernel category and the idle share of the window."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from moemesh.train.data import build_source
+    from moemesh.train.loop import Trainer, resolve_device
+
+    device = resolve_device(cfg)
+    source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    trainer = Trainer(cfg, None, source, device)
+    for step in range(1, 6):
+        trainer.step(step)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for step in range(6, 8):
+            trainer.step(step)
+        torch.cuda.synchronize()
+        window_us = (time.perf_counter() - t0) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by = {}
+    busy = []
+    for e in kernels:
+        name = e.name.lower()
+        kind = ("gemm" if any(k in name for k in ("gemm", "cutlass", "xmma", "sm90", "grouped_mm", "matmul"))
+                else "attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa"))
+                else "optimizer" if any(k in name for k in ("adam", "foreach", "multi_tensor"))
+                else "copy/cast" if any(k in name for k in ("copy", "cast", "convert", "memcpy"))
+                else "elementwise/other")
+        by[kind] = by.get(kind, 0.0) + e.device_time
+        busy.append((e.time_range.start, e.time_range.end))
+    busy.sort()
+    union, end = 0.0, None
+    for start, stop in busy:
+        if end is None or start > end:
+            union += stop - start
+            end = stop
+        elif stop > end:
+            union += stop - end
+            end = stop
+    total = sum(by.values())
+    out = {"window_ms": window_us / 1e3, "kernel_ms": total / 1e3, "busy_ms": union / 1e3,
+           "idle_frac": 1 - union / window_us, "share": {k: v / total for k, v in sorted(by.items())}}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warmup: int, profile: bool = False,
+              timeout: int = 400) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--overrides", json.dumps(overrides),
+           "--run-dir", str(run_dir), "--warmup", str(warmup)] + (["--profile"] if profile else [])
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - started}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--cpu-dry-run", action="store_true")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--preset")
+    parser.add_argument("--overrides", default="[]")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    import torch
+
+    from moemesh.config import load_config
+    from moemesh.plan.flops import flops_per_token
+
+    if not args.out:
+        parser.error("--out is required")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trees = {"after": REPO / "src", "before": REPO / ".before" / "src"}
+    steps, warmup = (30, 10) if not args.cpu_dry_run else (6, 2)
+    dry = ["train.device=cpu", "train.dtype=float32", "model.n_layers=1", "model.dim=64", "model.ffn_dim=128",
+           "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256", "model.num_experts=4", "model.top_k=2",
+           "model.max_seq_len=64", "train.seq_len=64", "train.global_batch=2"] if args.cpu_dry_run else []
+    report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "peak_tflops": PEAK_TFLOPS, "steps": steps, "warmup_steps": warmup, "runs": {}}
+
+    def save():
+        (out / "train_e2e.json").write_text(json.dumps(report, indent=1))
+
+    plan = []
+    for name, (preset, overrides) in CONFIGS.items():
+        for code in ("before", "after"):
+            plan.append((f"{name}/{code}", code, preset, [*overrides, f"train.steps={steps}", "run.log_every=5"]))
+    plan += [(f"mixtral-shaped/after-recompute-{mode}", "after", "gpu",
+              [*CONFIGS["mixtral-shaped"][1], f"train.steps={steps}", "run.log_every=5",
+               f"train.activation_checkpointing={mode}"]) for mode in ("moe", "full")]
+    for code in ("before", "after"):
+        plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
+    for label, code, preset, overrides in plan:
+        if not trees[code].is_dir():
+            report["runs"][label] = {"error": f"{trees[code]} missing"}
+            continue
+        config_name = label.split("/")[0].replace("-200", "")
+        base = CONFIGS.get(config_name, CONFIGS["gpu-preset"])[1]
+        cfg = load_config(preset, [*base, *overrides, *dry])
+        result = run_child(trees[code], preset, [*overrides, *dry], out / "runs" / label.replace("/", "_"), warmup)
+        if "tokens_per_s" in result:
+            flops = flops_per_token(cfg).per_token
+            result["tflops"] = flops * result["tokens_per_s"] / 1e12
+            result["mfu"] = result["tflops"] / PEAK_TFLOPS
+            result["flops_per_token"] = flops
+        report["runs"][label] = result
+        print(label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+                      if k not in ("losses", "stderr")}, result.get("stderr", "")[-1500:], flush=True)
+        save()
+    for name in ("mixtral-shaped", "fine-grained") if torch.cuda.is_available() else ():
+        preset, overrides = CONFIGS[name]
+        report["runs"][f"{name}/profile"] = prof = run_child(trees["after"], preset, [*overrides, *dry],
+                                                              out / "runs" / f"{name}_profile", warmup, profile=True)
+        print(f"{name}/profile", prof, flush=True)
+        save()
+    for name in CONFIGS:
+        before, after = report["runs"].get(f"{name}/before", {}), report["runs"].get(f"{name}/after", {})
+        if "tokens_per_s" in before and "tokens_per_s" in after:
+            report["runs"][f"{name}/speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
+    b, a = report["runs"].get("gpu-preset-200/before", {}), report["runs"].get("gpu-preset-200/after", {})
+    if "losses" in b and "losses" in a:
+        report["loss_curve_max_rel_diff"] = max(abs(x[1] - y[1]) / abs(y[1]) for x, y in zip(a["losses"], b["losses"]))
+        report["final_loss_rel_diff"] = abs(a["final_lm_loss"] - b["final_lm_loss"]) / b["final_lm_loss"]
+    save()
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
