@@ -49,7 +49,7 @@ def child(args) -> None:
     from moemesh.train.loop import train
 
     cfg = load_config(args.preset, [*json.loads(args.overrides), f"run.dir={args.run_dir}", "run.progress=false",
-                                    "run.tensorboard=false"])
+                                    "run.tensorboard=false", *(["run.checkpoints=false"] if args.code == "after" else [])])
     if args.profile:
         _profile(cfg, args)
         return
@@ -117,7 +117,7 @@ def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warm
               timeout: int = 400) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--child", "--preset", preset, "--overrides", json.dumps(overrides),
-           "--run-dir", str(run_dir), "--warmup", str(warmup)] + (["--profile"] if profile else [])
+           "--run-dir", str(run_dir), "--warmup", str(warmup), "--code", tree.parent.name.strip(".") if tree.parent != REPO else "after"] + (["--profile"] if profile else [])
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--run-dir")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--code", default="after", help="child: which tree (the old one has no run.checkpoints)")
+    parser.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -174,7 +176,10 @@ def main() -> int:
                f"train.activation_checkpointing={mode}"]) for mode in ("moe", "full")]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
+    only = set(filter(None, args.only.split(",")))
     for label, code, preset, overrides in plan:
+        if only and label not in only:
+            continue
         if not trees[code].is_dir():
             report["runs"][label] = {"error": f"{trees[code]} missing"}
             continue
@@ -192,6 +197,8 @@ def main() -> int:
                       if k not in ("losses", "stderr")}, result.get("stderr", "")[-1500:], flush=True)
         save()
     for name in ("mixtral-shaped", "fine-grained") if torch.cuda.is_available() else ():
+        if only and f"{name}/profile" not in only:
+            continue
         preset, overrides = CONFIGS[name]
         report["runs"][f"{name}/profile"] = prof = run_child(trees["after"], preset, [*overrides, *dry],
                                                               out / "runs" / f"{name}_profile", warmup, profile=True)

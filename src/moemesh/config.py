@@ -99,6 +99,7 @@ class RunConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    checkpoints: bool = True  # false: write no checkpoint at all (benchmarks; a stop then loses the run)
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end and on a signal)
     keep_checkpoints: int = 2  # newest complete checkpoints kept in run.dir/checkpoints
     overwrite: bool = False  # start afresh in a run dir that holds an earlier run's outputs

@@ -202,7 +202,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 if writer is not None:
                     writer.log({**step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model),
                                 **speed.record(tokens_per_s)})
-            if stop or signum is not None:
+            if cfg.run.checkpoints and (stop or signum is not None):
                 save_checkpoint(trainer, run_dir, step)
             if signum is not None:
                 raise Stopped(signum, step)

@@ -21,13 +21,14 @@ class BatchPrefetcher:
         self._queue: queue.Queue | None = None
         self._next = None  # the step the producer will hand out next
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def _start(self, step: int) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        self.close()
         self._queue, self._stop, self._next = queue.Queue(maxsize=self.depth), threading.Event(), step
-        threading.Thread(target=self._produce, args=(step, self._queue, self._stop), daemon=True,
-                         name="moemesh-batch-prefetch").start()
+        self._thread = threading.Thread(target=self._produce, args=(step, self._queue, self._stop), daemon=True,
+                                        name="moemesh-batch-prefetch")
+        self._thread.start()
 
     def _produce(self, step: int, out: queue.Queue, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -56,5 +57,8 @@ class BatchPrefetcher:
         return batch.to(self.device, non_blocking=True)
 
     def close(self) -> None:
+        """Stop the producer and wait for it: a thread still inside a torch call while the interpreter
+        exits aborts the process ("terminate called without an active exception")."""
         if self._stop is not None:
             self._stop.set()
+            self._thread.join(timeout=60)
