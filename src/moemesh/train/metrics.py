@@ -79,7 +79,7 @@ class MetricsWriter:
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar("val/loss" if key == "val_loss" else f"train/{key}", value, step)
             for layer, load in enumerate(record.get("expert_load", [])):
                 for expert, frac in enumerate(load):
                     self.tb.add_scalar(f"expert_load/layer{layer}/expert{expert}", frac, step)
@@ -143,5 +143,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("entropy_floor") is not None:
         lines.append(f"entropy floor of the synthetic source {summary['entropy_floor']:.4f} nats/token: "
                      f"loss is {100 * summary['gap_to_floor']:.1f}% above it")
+    if summary.get("val_loss") is not None:
+        lines.append(f"validation loss {summary['val_loss']:.4f} nats/token")
     lines.append(f"run dir: {summary['run_dir']}")
     return "\n".join(lines)
