@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    export.add_argument("--max-shard-mb", type=int, default=5000, help="largest safetensors shard (default 5000)")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)")
     imp = sub.add_parser("import-hf", help="make a local Hugging Face Mixtral directory a moemesh run",
                          description="Read HF_DIR (config.json and safetensors) into RUN_DIR/config.toml and the "
                                      "checkpoint RUN_DIR/checkpoints/step_000000; continue with `moemesh train "
@@ -80,7 +80,7 @@ def run(argv: list[str] | None) -> int:
     if args.command == "export-hf":
         from moemesh.hf.convert import export_command
 
-        return export_command(args.checkpoint, args.out_dir, args.dtype, args.max_shard_mb)
+        return export_command(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size)
     if args.command == "import-hf":
         from moemesh.hf.convert import import_command
 

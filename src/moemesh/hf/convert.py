@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,18 +31,29 @@ from moemesh.train.rundir import resolved_config
 IGNORED = (".rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed from rope_theta
 
 
-def export_command(target: str, out_dir: str, dtype: str, max_shard_mb: int) -> int:
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '64KiB', '1000' (bytes), as transformers' max_shard_size."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise UserError(f"--max-shard-size {text}: expected a positive size such as 5GB, 500MB or 64KiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def export_command(target: str, out_dir: str, dtype: str, max_shard_size: str) -> int:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if max_shard_mb <= 0:
-        raise UserError(f"--max-shard-mb {max_shard_mb}: must be > 0")
+    max_shard_bytes = parse_size(max_shard_size)
     out = Path(out_dir)
     check_output_dir(out)
     checkpoint = resolve_checkpoint(target)
     cfg = checkpoint_config(checkpoint)
     config = to_hf_config(cfg.model, dtype)  # refuses a model without a Mixtral equivalent before any read
     state = read_model_state(checkpoint, cfg)
-    shards = write_hf_dir(out, config, to_hf(state, cfg.model), DTYPES[dtype], max_shard_mb << 20)
+    shards = write_hf_dir(out, config, to_hf(state, cfg.model), DTYPES[dtype], max_shard_bytes)
     step = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["step"]
     print(f"moemesh: exported {checkpoint} (step {step}) to {out}: MixtralForCausalLM, {dtype}, "
           f"{len(shards)} safetensors shard(s)", flush=True)
