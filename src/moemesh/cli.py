@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field (repeatable)")
     export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Mixtral directory",
                             description="Write RUN_OR_CHECKPOINT (a run dir: its newest complete checkpoint) as a "
-                                        "MixtralForCausalLM directory: config.json, safetensors shards and their index. "
+                                        "MixtralForCausalLM directory: config.json, safetensors shards and their "
+                                        "index. "
                                         "OUT_DIR must not exist or be empty.")
     export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     export.add_argument("out_dir", metavar="OUT_DIR")

@@ -77,7 +77,8 @@ def test_validation_loss_is_the_same_at_every_layout(work):
     sharded, single = _records(work / "r222"), _records(work / "r111")
     assert [r["step"] for r in single] == [1, 2]
     for a, b in zip(sharded, single):
-        print(f"step {a['step']}: val_loss {a['val_loss']:.7f} vs {b['val_loss']:.7f}, rel {_rel(a['val_loss'], b['val_loss']):.1e}")
+        rel = _rel(a["val_loss"], b["val_loss"])
+        print(f"step {a['step']}: val_loss {a['val_loss']:.7f} vs {b['val_loss']:.7f}, rel {rel:.1e}")
         assert _rel(a["val_loss"], b["val_loss"]) <= 1e-6
     summaries = [json.loads((work / name / "summary.json").read_text()) for name in ("r222", "r111")]
     assert summaries[0]["val_loss"] == sharded[-1]["val_loss"] and summaries[1]["val_loss"] == single[-1]["val_loss"]

@@ -67,7 +67,8 @@ def import_command(hf_dir: str, run_dir: str, overrides: list[str]) -> int:
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key.removeprefix("model.") in FROM_HF and key.startswith("model."):
-            raise UserError(f"--set {key}: fixed by {origin} (the weights depend on it); it cannot be changed on import")
+            raise UserError(f"--set {key}: fixed by {origin} (the weights depend on it); "
+                            f"it cannot be changed on import")
         if key == "run.dir":
             raise UserError(f"--set {key}: the run dir is RUN_DIR ({run_dir})")
     try:

@@ -137,7 +137,8 @@ def _refuse_unrepresentable(hf: dict[str, Any], origin: str) -> None:
          f"rope_scaling={scaling!r}: moemesh has the default rotary only"),
         (window is not None and window < hf.get("max_position_embeddings", HF_DEFAULTS["max_position_embeddings"]),
          f"sliding_window={window}: moemesh attends to the whole sequence"),
-        (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r}: moemesh experts are SwiGLU (silu)"),
+        (hf.get("hidden_act", "silu") != "silu",
+         f"hidden_act={hf.get('hidden_act')!r}: moemesh experts are SwiGLU (silu)"),
         (bool(hf.get("tie_word_embeddings", False)), "tie_word_embeddings=true: moemesh's LM head is untied"),
         (bool(hf.get("attention_bias", False)), "attention_bias=true: moemesh's projections have no bias"),
         (bool(hf.get("mlp_bias", False)), "mlp_bias=true: moemesh's experts have no bias"),
@@ -206,7 +207,8 @@ def canonical_name(name: str) -> str:
     return name.replace(".mlp.", ".block_sparse_moe.")
 
 
-def from_hf(names: set[str], get: Callable[[str, tuple[int, ...]], torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+def from_hf(names: set[str], get: Callable[[str, tuple[int, ...]], torch.Tensor],
+            m: ModelConfig) -> dict[str, torch.Tensor]:
     """The full moemesh state dict (fp32) from HF tensors, per-expert or fused layout, layer by layer.
     `names` are canonical names (`canonical_name`); `get(name, expected_shape)` reads one (it checks the
     shape and dtype). Routers' expert bias is zero (a softmax router does not use it)."""
@@ -222,7 +224,8 @@ def from_hf(names: set[str], get: Callable[[str, tuple[int, ...]], torch.Tensor]
             state[f"{experts}.w2_EFD"] = get(f"{fused}.down_proj", (m.num_experts, D, F_)).transpose(1, 2).contiguous()
         else:
             at = f"model.layers.{n}.block_sparse_moe.experts"
-            for ours, theirs, shape in (("w1_EDF", "w1", (F_, D)), ("w3_EDF", "w3", (F_, D)), ("w2_EFD", "w2", (D, F_))):
+            per_expert = (("w1_EDF", "w1", (F_, D)), ("w3_EDF", "w3", (F_, D)), ("w2_EFD", "w2", (D, F_)))
+            for ours, theirs, shape in per_expert:
                 state[f"{experts}.{ours}"] = torch.stack(
                     [get(f"{at}.{e}.{theirs}.weight", shape).T for e in range(m.num_experts)])
         state[f"layers.{n}.ffn.router.expert_bias"] = torch.zeros(m.num_experts)

@@ -69,8 +69,9 @@ class Evaluator:
 
     def __init__(self, trainer: "Trainer"):
         source = trainer.source
-        if not isinstance(source, HeldOutSource):  # config validation makes this unreachable from the CLI
-            raise UserError("run.eval_every > 0 needs held-out data: set data.val_fraction > 0")
+        if not isinstance(source, HeldOutSource):  # a library caller's own source; the CLI's comes from preflight
+            raise UserError("run.eval_every > 0 needs a source with held-out data: build it with preflight(cfg) "
+                            "(and data.val_fraction > 0 for text or bin data)")
         self.trainer, self.source = trainer, source
         self.batches: list[torch.Tensor] = []  # this rank's rows of each batch, made on first use
 
