@@ -1,4 +1,5 @@
-"""Command line: `moemesh train [CONFIG] [--set key=value ...]`.
+"""Command line: `moemesh train [CONFIG] [--set key=value ...]`, `moemesh export-hf`, `moemesh import-hf`,
+`moemesh sample`.
 
 User errors print one line `moemesh: error: ...` on stderr and exit with code 2.
 """
@@ -38,6 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", default=None, help="preset name or path to a TOML config")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable)")
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face Mixtral directory",
+                            description="Write RUN_OR_CHECKPOINT (a run dir: its newest complete checkpoint) as a "
+                                        "MixtralForCausalLM directory: config.json, safetensors shards and their "
+                                        "index. "
+                                        "OUT_DIR must not exist or be empty.")
+    export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)")
+    imp = sub.add_parser("import-hf", help="make a local Hugging Face Mixtral directory a moemesh run",
+                         description="Read HF_DIR (config.json and safetensors) into RUN_DIR/config.toml and the "
+                                     "checkpoint RUN_DIR/checkpoints/step_000000; continue with `moemesh train "
+                                     "RUN_DIR/config.toml`. model.* comes from config.json; set anything else "
+                                     "with --set. RUN_DIR must not exist or be empty.")
+    imp.add_argument("hf_dir", metavar="HF_DIR")
+    imp.add_argument("run_dir", metavar="RUN_DIR")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field (repeatable)")
+    sample = sub.add_parser("sample", help="print a continuation of a prompt",
+                            description="Load RUN_OR_CHECKPOINT in this process and continue --prompt (text for "
+                                        "text runs, space-separated token ids otherwise).")
+    sample.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: all)")
+    sample.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -50,6 +78,18 @@ def run(argv: list[str] | None) -> int:
         from moemesh.launch import train_command  # imports torch: after the config is known to be valid
 
         return train_command(cfg)
+    if args.command == "export-hf":
+        from moemesh.hf.convert import export_command
+
+        return export_command(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size)
+    if args.command == "import-hf":
+        from moemesh.hf.convert import import_command
+
+        return import_command(args.hf_dir, args.run_dir, args.overrides)
+    if args.command == "sample":
+        from moemesh.sample import sample_command
+
+        return sample_command(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
     raise AssertionError(args.command)
 
 

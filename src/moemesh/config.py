@@ -91,6 +91,7 @@ class DataConfig:
     path: str = ""  # for "text" (UTF-8, byte tokens) and "bin" (pre-tokenized, nanoGPT layout)
     token_dtype: str = "uint16"  # "bin" only: "uint16" | "uint32"
     branching: int = 4  # synthetic: successors per state of the random sparse Markov chain
+    val_fraction: float = 0.0  # text/bin: the last fraction of the tokens is held out for the validation loss
 
 
 @dataclass
@@ -106,6 +107,8 @@ class RunConfig:
     max_restarts: int = 0  # local launch: restart every rank from the last checkpoint after a failure, N times
     debug: bool = False  # show every rank's traceback on failure
     peak_tflops: float = 780.0  # per-GPU bf16 peak for MFU (measured 8192^3 matmul on an H200)
+    eval_every: int = 0  # steps between validation losses (and at the last step); 0: none
+    eval_batches: int = 4  # global batches (train.global_batch x train.seq_len) per validation loss
 
 
 @dataclass
@@ -146,12 +149,12 @@ POSITIVE = (
     "model.num_experts model.top_k model.ffn_dim model.dense_ffn_dim model.rope_theta model.norm_eps "
     "model.init_std model.capacity_factor parallel.dp parallel.ep parallel.tp parallel.timeout_s "
     "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints "
-    "run.peak_tflops"
+    "run.peak_tflops run.eval_batches"
 ).split()
 NON_NEGATIVE = (
     "model.num_shared_experts model.num_dense_layers model.aux_loss_coef model.z_loss_coef "
     "model.bias_update_rate train.min_lr train.warmup_steps train.weight_decay train.grad_clip train.seed "
-    "train.skip_nonfinite run.checkpoint_every run.max_restarts"
+    "train.skip_nonfinite run.checkpoint_every run.max_restarts run.eval_every data.val_fraction"
 ).split()
 
 
@@ -164,6 +167,17 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     """Build a Config from a preset name or TOML path (default preset `tiny`), then `key=value` overrides."""
     cfg = Config()
     _apply_table(cfg, _read_source(source or "tiny"), origin=source or "tiny")
+    for item in overrides:
+        _apply_override(cfg, item)
+    return cfg.validate()
+
+
+def config_from_values(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The defaults, then `values` ({dotted key: value}, e.g. translated from another format), then
+    `key=value` overrides; validated."""
+    cfg = Config()
+    for key, value in values.items():
+        _set_field(cfg, key, value)
     for item in overrides:
         _apply_override(cfg, item)
     return cfg.validate()
@@ -312,6 +326,10 @@ def _validate(cfg: Config) -> None:
          f"model.vocab_size={m.vocab_size} must be >= 256 for data.source='text' (byte tokens)"),
         (d.source != "synthetic" or d.branching <= m.vocab_size,
          f"data.branching={d.branching} must be <= model.vocab_size={m.vocab_size}"),
+        (d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be < 1"),
+        (d.source == "synthetic" or not cfg.run.eval_every or d.val_fraction > 0,
+         f"run.eval_every={cfg.run.eval_every} needs data.val_fraction > 0 with data.source={d.source!r} "
+         f"(the held-out part of the file)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from moemesh.config import to_toml
-from moemesh.errors import UserError
+from moemesh.config import Config, load_config, to_toml
+from moemesh.errors import ConfigError, UserError
 from moemesh.parallel.apply import full_buffers
 from moemesh.train.rundir import resolved_config
 from moemesh.train.ckpt_paths import (CHECKPOINTS, checkpoint_name, complete_checkpoints, fsync_path, problem_with,
@@ -197,3 +197,36 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
         torch.cuda.set_rng_state(state["rng/cuda"], trainer.device)
     assert step_of(Path(path)) in (None, int(state["train/step"])), (path, int(state["train/step"]))
     return int(state["train/step"])
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The resolved config a checkpoint was written with."""
+    try:
+        return load_config(str(Path(path) / "config.toml"))
+    except ConfigError as exc:
+        raise UserError(f"checkpoint {path}: config.toml unusable ({exc})") from None
+
+
+def read_model_state(path: Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of a checkpoint written at any layout, read in this process:
+    DCP fills plain full-size tensors from the shards. Single-process names; parameters and the routers'
+    expert bias. The checkpoint's shapes are checked against the model its config.toml describes."""
+    from moemesh.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    wanted = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *full_buffers(model).items()]}
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:  # an unreadable .metadata: the manifest check makes this rare
+        raise UserError(f"checkpoint {path}: .metadata unreadable ({exc.__class__.__name__})") from None
+    state = {}
+    for name, shape in wanted.items():
+        meta = stored.get(f"model/{name}")
+        if meta is None or tuple(meta.size) != shape:
+            found = "absent" if meta is None else list(meta.size)
+            raise UserError(f"checkpoint {path}: model/{name} is {found}, its config.toml says {list(shape)}")
+        state[name] = torch.empty(shape, dtype=meta.properties.dtype)
+    with _quiet():
+        dcp.load({f"model/{name}": t for name, t in state.items()}, checkpoint_id=str(path), no_dist=True)
+    return state

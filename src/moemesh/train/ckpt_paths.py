@@ -96,3 +96,26 @@ def problem_with(directory: Path) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum (corrupted)"
     return None
+
+
+def resolve_checkpoint(target: str) -> Path:
+    """A checkpoint directory, or a run dir's newest complete checkpoint (damaged newer ones are skipped
+    with a warning); checksums checked. A one-line UserError names what is wrong."""
+    from moemesh.errors import UserError, report
+
+    path = Path(target)
+    if not path.is_dir():
+        raise UserError(f"{target}: no such run dir or checkpoint directory")
+    if (path / MANIFEST).exists() or step_of(path) is not None:
+        if (problem := problem_with(path)) is not None:
+            raise UserError(f"checkpoint {target}: {problem}")
+        return path
+    if not (path / CHECKPOINTS).is_dir():
+        raise UserError(f"{target}: neither a run dir (no {CHECKPOINTS}/) nor a checkpoint (no {MANIFEST})")
+    candidates = sorted((p for p in (path / CHECKPOINTS).iterdir() if p.is_dir() and step_of(p) is not None),
+                        key=step_of)
+    for candidate in reversed(candidates):
+        if (problem := problem_with(candidate)) is None:
+            return candidate
+        report(f"warning: skipping checkpoint {candidate}: {problem}")
+    raise UserError(f"{target}: no complete checkpoint in {path / CHECKPOINTS}")

@@ -19,6 +19,7 @@ from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradien
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
+from moemesh.train.evaluate import Evaluator, with_validation
 from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
@@ -52,7 +53,8 @@ def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     if backend != "auto" and (backend == "nccl") != (device.type == "cuda"):
         raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
                         f"(nccl runs on cuda, gloo on cpu; 'auto' picks)")
-    return build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, check_ids)
+    return with_validation(build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, check_ids),
+                           cfg)
 
 
 def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[Transformer, Layout]:
@@ -177,6 +179,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
             if skipped > cfg.train.skip_nonfinite:
                 raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
 
+    evaluator, val_loss = (Evaluator(trainer) if cfg.run.eval_every else None), None
     try:
         for step in range(first + 1, cfg.train.steps + 1):
             losses, grad_norm, lr, updated = trainer.step(step)
@@ -190,7 +193,8 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
             # On SIGINT/SIGTERM every rank stops after the same step (a collective on a mesh), saves and
             # leaves; a signal during the last step lets the run finish (it saves anyway).
             signum = stopper.agreed(mesh, step) if step < cfg.train.steps else None
-            logged = step % cfg.run.log_every == 0 or step == cfg.train.steps
+            evaluated = evaluator is not None and (step % cfg.run.eval_every == 0 or step == cfg.train.steps)
+            logged = step % cfg.run.log_every == 0 or step == cfg.train.steps or evaluated
             if logged or stop or signum is not None:
                 for pending_step, flag, pending_losses, pending_norm in pending:  # reading the flags syncs
                     count_skipped(pending_step, bool(flag), pending_losses, pending_norm)
@@ -198,10 +202,13 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
             if logged:
                 now = time.perf_counter()
                 tokens_per_s = tokens_per_step * window_steps / (now - window_start)
-                window_start, window_steps = now, 0
+                if evaluated:  # after the training window's clock: not counted in tokens_per_s
+                    val_loss = evaluator()
+                window_start, window_steps = time.perf_counter(), 0
                 if writer is not None:
-                    writer.log({**step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model),
-                                **speed.record(tokens_per_s)})
+                    record = {**step_record(step, losses, lr, grad_norm, tokens_per_s, trainer.model),
+                              **speed.record(tokens_per_s)}
+                    writer.log({**record, "val_loss": val_loss} if evaluated else record)
             if cfg.run.checkpoints and (stop or signum is not None):
                 save_checkpoint(trainer, run_dir, step)
             if signum is not None:
@@ -220,7 +227,7 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
         "final_lm_loss": tail, "entropy_floor": source.entropy_floor, "run_dir": str(run_dir),
         "gap_to_floor": None if source.entropy_floor is None else tail / source.entropy_floor - 1,
         "layout": {"dp": cfg.parallel.dp, "ep": cfg.parallel.ep, "tp": cfg.parallel.tp},
-        "skipped_steps": skipped, **speed.record(tokens_per_step * done / elapsed),
+        "skipped_steps": skipped, "val_loss": val_loss, **speed.record(tokens_per_step * done / elapsed),
     }
     if is_main:
         write_summary(run_dir, summary)

@@ -79,7 +79,7 @@ class MetricsWriter:
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar("val/loss" if key == "val_loss" else f"train/{key}", value, step)
             for layer, load in enumerate(record.get("expert_load", [])):
                 for expert, frac in enumerate(load):
                     self.tb.add_scalar(f"expert_load/layer{layer}/expert{expert}", frac, step)
@@ -149,5 +149,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("mfu") is not None:
         lines.append(f"{summary['tflops_per_gpu']:.0f} TFLOP/s per GPU, MFU {100 * summary['mfu']:.1f}%, "
                      f"peak memory {summary['peak_memory_gib']:.1f} GiB")
+    if summary.get("val_loss") is not None:
+        lines.append(f"validation loss {summary['val_loss']:.4f} nats/token")
     lines.append(f"run dir: {summary['run_dir']}")
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from moemesh.train.rundir import check_run_dir
 from moemesh.train.ckpt_paths import CHECKPOINTS, MANIFEST, problem_with, step_of
 
 # Settings that change the data a step sees: resuming across them must be asked for.
-DATA_KEYS = ("data.source", "data.path", "data.token_dtype", "data.branching", "train.global_batch",
-             "train.seq_len", "train.seed")
+DATA_KEYS = ("data.source", "data.path", "data.token_dtype", "data.branching", "data.val_fraction",
+             "train.global_batch", "train.seq_len", "train.seed")
 
 
 def choose_checkpoint(cfg: Config) -> Path | None:
