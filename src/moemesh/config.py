@@ -82,6 +82,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir, if any) | "none" | a checkpoint path
     allow_data_change: bool = False  # resume even if data.* or the batch shape differ from the checkpoint's
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
+    param_dtype: str = "auto"  # "auto" (bfloat16 with fp32 master weights when training in bf16 on cuda) | "float32" | "bfloat16"
     activation_checkpointing: str = "none"  # "none" | "moe" (recompute MoE layers in backward) | "full" (blocks)
 
 
@@ -141,6 +142,7 @@ CHOICES = {
     "train.dtype": ("auto", "float32", "bfloat16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.activation_checkpointing": ("none", "moe", "full"),
+    "train.param_dtype": ("auto", "float32", "bfloat16"),
     "data.source": ("synthetic", "text", "bin"),
     "data.token_dtype": ("uint16", "uint32"),
 }

@@ -48,9 +48,12 @@ def sync_gradients(model: nn.Module, layout: Layout, mesh: Mesh | None) -> None:
         torch._foreach_mul_(expert, 1.0 / shards)
 
 
-def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float, mesh: Mesh | None) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float, mesh: Mesh | None,
+                   scale_grads: bool = True) -> torch.Tensor:
     """Scale gradients so the global L2 norm (each distinct element counted once) is at most max_norm;
-    return the norm before clipping. One scalar all-reduce over the world."""
+    return the norm before clipping. One scalar all-reduce over the world. With scale_grads=False the
+    caller applies `clip_factor(norm, max_norm)` itself (fused AdamW does it inside its kernel).
+    `model` is anything with `named_parameters()` (a model, or its fp32 master weights)."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -61,11 +64,15 @@ def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float, mesh: Mesh
     if mesh is not None:
         sumsq = mesh.comm("world").all_reduce(sumsq)
     norm = sumsq.sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    if max_norm > 0 and scale_grads:
+        scale = clip_factor(norm, max_norm)
         for group in by_replicas.values():
             torch._foreach_mul_(group, scale)
     return norm
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def mean_over_batch(values: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:

@@ -70,7 +70,10 @@ def estimate(cfg: Config, device_type: str) -> MemoryEstimate:
     per_layer = b * tokens * 10 * m.dim
     head = FP32 * tokens * 3 * m.vocab_size // tp
     activations = m.n_layers * per_layer + num_moe * per_moe + m.num_dense_layers * per_dense + head
-    return MemoryEstimate(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local,
+    # bf16 parameters keep fp32 masters (and their fp32 gradients) beside them: 2 + 4 bytes each
+    per_param = 2 + FP32 if (t.param_dtype == "bfloat16" or (t.param_dtype == "auto" and amp and device_type == "cuda")) \
+        else FP32
+    return MemoryEstimate(params=per_param * local, grads=per_param * local, optimizer=2 * FP32 * local,
                           activations=activations, full_model=FP32 * full, overhead=PROCESS_OVERHEAD[device_type])
 
 

@@ -67,7 +67,7 @@ def _state(trainer: "Trainer", step: int) -> dict[str, Any]:
     ensure_optimizer_state(trainer.optimizer)
     state: dict[str, Any] = {}
     first_step = None
-    for name, p in trainer.model.named_parameters():
+    for name, p in trainer.params.named_parameters():  # the fp32 masters when the model computes in bf16
         slots = trainer.optimizer.state[p]
         state[f"model/{name}"] = _view(p.detach(), name, trainer)
         state[f"optim/{name}/exp_avg"] = _view(slots["exp_avg"], name, trainer)
@@ -192,6 +192,8 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
         slots["step"].copy_(optim_step)
     trainer.recent_lm_losses.clear()
     trainer.recent_lm_losses.extend(v.to(trainer.device) for v in state["train/recent_lm_losses"] if not torch.isnan(v))
+    if trainer.masters is not None:
+        trainer.masters.masters_to_model()
     torch.set_rng_state(state["rng/cpu"])
     if "rng/cuda" in state and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng/cuda"], trainer.device)

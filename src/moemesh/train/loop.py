@@ -15,7 +15,7 @@ from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
 from moemesh.parallel.layout import Layout
-from moemesh.parallel.grads import clip_grad_norm, mean_over_batch, sync_gradients
+from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch, sync_gradients
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
@@ -25,6 +25,7 @@ from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
+from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.recompute import apply_activation_checkpointing
 from moemesh.train.rundir import prepare_run_dir
@@ -37,6 +38,14 @@ def resolve_device(cfg: Config) -> torch.device:
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(wanted)
+
+
+def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 parameters (with fp32 masters) when asked, or by default when training in bf16 on CUDA."""
+    if cfg.train.param_dtype == "bfloat16" or (
+            cfg.train.param_dtype == "auto" and device.type == "cuda" and autocast_dtype(cfg, device) == torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -78,10 +87,14 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh | None, source: TokenSource, device: torch.device):
         self.cfg, self.mesh, self.source, self.device = cfg, mesh, source, device
         self.model, self.layout = build_model(cfg, device, mesh)
+        dtype = param_dtype(cfg, device)
+        self.masters = MasterWeights(self.model, dtype) if dtype != torch.float32 else None
+        # What the optimizer updates and grad sync, clipping and checkpoints read: the fp32 masters, if any.
+        self.params = self.masters if self.masters is not None else self.model
         # On a GPU the step runs ahead of the host: fused AdamW (a few kernels, not ~1,000 launches) skips
         # a non-finite step on the device, and the host learns of it later, when it reads the metrics.
         self.on_device_checks = device.type == "cuda"
-        self.optimizer = build_optimizer(self.model, cfg.train, fused=self.on_device_checks)
+        self.optimizer = build_optimizer(self.params, cfg.train, fused=self.on_device_checks)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
@@ -110,13 +123,19 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
             out = model(batch_BS[:, :-1], batch_BS[:, 1:])
         out.loss.backward()
-        sync_gradients(model, self.layout, self.mesh)
-        grad_norm = clip_grad_norm(model, self.layout, cfg.train.grad_clip, self.mesh)
+        if self.masters is not None:
+            self.masters.grads_to_masters()
+        sync_gradients(self.params, self.layout, self.mesh)
+        # Fused AdamW applies the clipping factor inside its kernel (as `grad_scale`, the factor it divides
+        # gradients by): one pass over the gradients less.
+        grad_norm = clip_grad_norm(self.params, self.layout, cfg.train.grad_clip, self.mesh,
+                                   scale_grads=not self.on_device_checks)
         losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), self.mesh)
         # Both are global (all-reduced), so every rank takes the same decision.
         finite = torch.isfinite(grad_norm) & torch.isfinite(losses).all()
         if self.on_device_checks:
             self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves params, moments and step as they are
+            self.optimizer.grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
             self.optimizer.step()
             for moe in model.moe_layers():
                 moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate * finite)
@@ -124,6 +143,8 @@ class Trainer:
             self.optimizer.step()
             for moe in model.moe_layers():
                 moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
+        if self.masters is not None:
+            self.masters.masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
         return losses, grad_norm, lr, finite
 
