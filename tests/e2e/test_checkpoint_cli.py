@@ -202,3 +202,18 @@ def test_diverging_run_stops_at_the_first_non_finite_step(tmp_path: Path, world)
     skipping = _moemesh(tmp_path, "train.lr=1e6", "train.warmup_steps=1", "train.steps=50", "train.skip_nonfinite=2",
                         f"parallel.dp={world}", "run.dir=skip", *QUIET)
     assert skipping.returncode == 1 and "more than train.skip_nonfinite=2 such steps" in skipping.stderr, _ok(skipping)
+
+
+def test_explicit_checkpoint_with_nothing_left_to_train(four_steps: Path):
+    ckpt = four_steps / "run/checkpoints/step_000004"
+    proc = _moemesh(four_steps, "run.dir=other", f"train.resume={ckpt}", "train.steps=4", *QUIET)
+    _one_error_line(proc, f"train.resume={ckpt} is at step 4", "set train.steps above 4")
+    assert not (four_steps / "other").exists()
+
+
+def test_another_model_setting_of_the_same_shapes_continues_with_a_warning(four_steps: Path):
+    proc = _moemesh(four_steps, "train.steps=5", "run.dir=run", "model.top_k=1", *QUIET)
+    assert proc.returncode == 0, _ok(proc)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("moemesh: warning")]
+    assert warnings == [f"moemesh: warning: continuing checkpoint run/checkpoints/step_000004 with model.top_k=1 "
+                        f"(it was trained with 2)"], proc.stderr

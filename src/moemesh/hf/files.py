@@ -139,6 +139,15 @@ def plan_shards(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, max
     return shards
 
 
+def _readable_by_all(directory: Path) -> None:
+    """safetensors creates its files 0600; give them the mode any other new file gets (0666 less umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
 def write_hf_dir(out_dir: Path, config: dict[str, Any], tensors: Iterator[tuple[str, torch.Tensor]],
                  dtype: torch.dtype, max_shard_bytes: int) -> list[Path]:
     """config.json, `model-0000i-of-0000n.safetensors` shards and the index, written into a staging
@@ -163,6 +172,7 @@ def write_hf_dir(out_dir: Path, config: dict[str, Any], tensors: Iterator[tuple[
             weight_map.update({name: file for name in part})
             total += sum(t.numel() * t.element_size() for t in part.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _readable_by_all(staging)
         (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for path in staging.iterdir():

@@ -113,7 +113,8 @@ def check_memory(cfg: Config, device_type: str, ranks_here: int) -> MemoryEstima
 
 def _parts(est: MemoryEstimate) -> str:
     return (f"parameters {est.params / GIB:.2f}, gradients {est.grads / GIB:.2f}, AdamW {est.optimizer / GIB:.2f}, "
-            f"activations {est.activations / GIB:.2f}, full model at build {est.full_model / GIB:.2f}")
+            f"activations {est.activations / GIB:.2f}, full model at build {est.full_model / GIB:.2f}, "
+            f"runtime {est.overhead / GIB:.2f}")
 
 
 def ranks_on_this_host(cfg: Config) -> int:

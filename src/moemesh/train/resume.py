@@ -8,6 +8,7 @@ chosen checkpoint must hold the same model shapes; a different data stream or ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -73,16 +74,23 @@ def check_compatible(cfg: Config, path: Path) -> None:
     extra = sorted(set(shapes) - set(mine))
     if extra:
         raise UserError(f"checkpoint {path} holds another model: {extra[0]} is not in this one (model.* differ)")
+    if step >= cfg.train.steps:  # before the data check: a finished run is most likely meant as a new one
+        if cfg.train.resume != "auto":
+            raise UserError(f"train.resume={cfg.train.resume} is at step {step}, and train.steps={cfg.train.steps} "
+                            f"leaves nothing to train: set train.steps above {step}")
+        raise UserError(f"run.dir={cfg.run.dir} is finished: checkpoint {path.name} is at step {step} and "
+                        f"train.steps={cfg.train.steps}; raise train.steps to train on, or set "
+                        f"run.overwrite=true (or another run.dir) to start again")
     if not cfg.train.allow_data_change:
         for key in DATA_KEYS:
             before, now = _value(saved, key), _value(cfg, key)
             if before != now:
                 raise UserError(f"checkpoint {path} was trained with {key}={before}, this run has {now}; set "
                                 f"train.allow_data_change=true to continue with the new value")
-    if step >= cfg.train.steps:
-        raise UserError(f"run.dir={cfg.run.dir} is finished: checkpoint {path.name} is at step {step} and "
-                        f"train.steps={cfg.train.steps}; raise train.steps to train on, or set "
-                        f"run.overwrite=true (or another run.dir) to start again")
+    for key, before in dataclasses.asdict(saved.model).items():  # same shapes, another model setting
+        now = getattr(cfg.model, key)
+        if before != now:
+            report(f"warning: continuing checkpoint {path} with model.{key}={now} (it was trained with {before})")
 
 
 def _value(cfg: Config, key: str):
