@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_planner_commands(sub) -> None:
+    plan = sub.add_parser("plan", help="rank (dp, ep, tp) layouts by predicted step time and memory",
+                          description="Enumerate every valid (dp, ep, tp) for --gpus GPUs, with sequence parallelism "
+                                      "and activation checkpointing; predict per-GPU memory and step time; rank "
+                                      "those that fit. docs/planner.md explains the model.")
+    plan.add_argument("config", nargs="?", default=None, help="preset name or TOML config (default tiny)")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu", default="h200", help="h200 (default), h100 or a100")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--calibrate", default=None, metavar="JSON", help="fit the efficiency constants to a bench JSON")
+    plan.add_argument("--imbalance", type=float, default=1.3, help="max/mean tokens per expert rank (default 1.3)")
+    plan.add_argument("--sharded-init", action="store_true",
+                      help="ignore the full-model build on each GPU (as if it were initialised sharded)")
+    plan.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    plan.add_argument("--json", action="store_true")
     draw = sub.add_parser("draw", help="draw the device mesh (GPUs, groups, experts, collectives)",
                           description="Draw the dp x ep x tp mesh: GPUs in their TP groups, the experts each EP rank "
                                       "holds, the data replicas, and which collective runs on which axis. The "
@@ -111,6 +126,11 @@ def run(argv: list[str] | None) -> int:
         from moemesh.sample import sample_command
 
         return sample_command(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+    if args.command == "plan":
+        from moemesh.plan.search import plan_command
+
+        return plan_command(args.config, args.overrides, args.gpus, args.gpus_per_node, args.gpu, args.calibrate,
+                            args.json, args.top, args.imbalance, args.sharded_init)
     if args.command == "draw":
         from moemesh.plan.draw import draw_command
 
