@@ -1,5 +1,5 @@
 """Command line: `moemesh train [CONFIG] [--set key=value ...]`, `moemesh export-hf`, `moemesh import-hf`,
-`moemesh sample`.
+`moemesh sample`, `moemesh plan`, `moemesh draw`, `moemesh plot`.
 
 User errors print one line `moemesh: error: ...` on stderr and exit with code 2.
 """
@@ -66,7 +66,43 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     sample.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: all)")
     sample.add_argument("--seed", type=int, default=0)
+    _add_planner_commands(sub)
     return parser
+
+
+def _add_planner_commands(sub) -> None:
+    plan = sub.add_parser("plan", help="rank (dp, ep, tp) layouts by predicted step time and memory",
+                          description="Enumerate every valid (dp, ep, tp) for --gpus GPUs, with sequence parallelism "
+                                      "and activation checkpointing; predict per-GPU memory and step time; rank "
+                                      "those that fit. docs/planner.md explains the model.")
+    plan.add_argument("config", nargs="?", default=None, help="preset name or TOML config (default tiny)")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu", default="h200", help="h200 (default), h100 or a100")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--calibrate", default=None, metavar="JSON", help="fit the efficiency constants to a bench JSON")
+    plan.add_argument("--imbalance", type=float, default=1.3, help="max/mean tokens per expert rank (default 1.3)")
+    plan.add_argument("--sharded-init", action="store_true",
+                      help="ignore the full-model build on each GPU (as if it were initialised sharded)")
+    plan.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    plan.add_argument("--json", action="store_true")
+    draw = sub.add_parser("draw", help="draw the device mesh (GPUs, groups, experts, collectives)",
+                          description="Draw the dp x ep x tp mesh: GPUs in their TP groups, the experts each EP rank "
+                                      "holds, the data replicas, and which collective runs on which axis. The "
+                                      "groups are those the real Mesh builds (on a fake process group). Sizes "
+                                      "come from --dp/--ep/--tp, or from CONFIG's parallel.* and model.num_experts.")
+    draw.add_argument("config", nargs="?", default=None, help="optional preset name or TOML config")
+    draw.add_argument("--dp", type=int, default=0)
+    draw.add_argument("--ep", type=int, default=0)
+    draw.add_argument("--tp", type=int, default=0)
+    draw.add_argument("--experts", type=int, default=None, help="number of routed experts (labels each EP rank)")
+    draw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    draw.add_argument("-o", "--output", default="mesh.png", help="output file, .png or .svg (default mesh.png)")
+    plot = sub.add_parser("plot", help="plot a run's loss curves and expert load",
+                          description="Write loss.png (train loss, lm_loss, val_loss if present) and "
+                                      "expert_load.png (per MoE layer, expert x step) from RUN_DIR/metrics.jsonl.")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("-o", "--output", default=None, metavar="DIR", help="where to write (default: RUN_DIR)")
 
 
 def run(argv: list[str] | None) -> int:
@@ -90,6 +126,19 @@ def run(argv: list[str] | None) -> int:
         from moemesh.sample import sample_command
 
         return sample_command(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+    if args.command == "plan":
+        from moemesh.plan.search import plan_command
+
+        return plan_command(args.config, args.overrides, args.gpus, args.gpus_per_node, args.gpu, args.calibrate,
+                            args.json, args.top, args.imbalance, args.sharded_init)
+    if args.command == "draw":
+        from moemesh.plan.draw import draw_command
+
+        return draw_command(args.dp, args.ep, args.tp, args.experts, args.config, args.overrides, args.output)
+    if args.command == "plot":
+        from moemesh.plan.plot import plot_command
+
+        return plot_command(args.run_dir, args.output)
     raise AssertionError(args.command)
 
 

@@ -92,7 +92,12 @@ def train_command(cfg: Config) -> int:
     # so share the lock (they never take it themselves); it ends when the last of them exits.
     run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
     with lock:
-        return _run_local(cfg, source, run_dir, resume_from, world, device)
+        code = _run_local(cfg, source, run_dir, resume_from, world, device)
+        if code == 0:  # the ranks have ended: no process group in this process
+            from moemesh.plan.draw import save_run_drawing
+
+            save_run_drawing(cfg, run_dir)
+        return code
 
 
 def _run_local(cfg: Config, source: TokenSource, run_dir: Path, resume_from: Path | None, world: int,

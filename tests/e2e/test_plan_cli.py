@@ -1,0 +1,43 @@
+"""`moemesh plan` as a user runs it: a table, --json, and every bad input as one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def moemesh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moemesh", *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(SRC)},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_json(tmp_path: Path):
+    proc = moemesh("plan", "gpu", "--gpus", "16", "--set", "train.global_batch=64", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    plans = out["plans"]
+    assert plans and all(p["dp"] * p["ep"] * p["tp"] == 16 for p in plans)
+    assert [p["step_s"] for p in plans] == sorted(p["step_s"] for p in plans)
+    assert out["feasible"] <= out["evaluated"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gpu", "--gpus", "8", "--gpu", "tpu"], "--gpu 'tpu' is not a known GPU"),
+    (["tiny", "--gpus", "7"], "no (dp, ep, tp) with dp*ep*tp=7"),
+    (["gpu", "--gpus", "1", "--set", "model.n_layers=400"], "needs >= "),
+    (["gpu", "--gpus", "1", "--calibrate", "nothere.json"], "no such file"),
+    (["gpu", "--gpus", "1", "--calibrate", "bad.json"], "not a GPU benchmark of this project"),
+])
+def test_bad_input(tmp_path: Path, args, message):
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    proc = moemesh("plan", *args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("moemesh: error: plan: ") and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
