@@ -80,7 +80,10 @@ class Stopper:
         flag = torch.tensor([self.signum or 0], dtype=torch.int64)  # CPU: never waits on a CUDA stream
         group = self._group()
         ranks = list(range(dist.get_world_size()))
-        with mesh.trace.watching(f"(stop check) after step {step}: all_reduce_max on world group {ranks}", ranks):
+        trace = mesh.trace
+        trace.count += 1  # every rank checks after every step, so the numbering stays the same on all
+        with trace.watching(f"#{trace.count} step {step} stop check: all_reduce_max on world group {ranks} shape [1]",
+                            ranks):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return int(flag.item()) or None
 
