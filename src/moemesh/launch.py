@@ -42,7 +42,7 @@ from moemesh.train.ckpt_paths import latest_checkpoint
 from moemesh.train.data import TokenSource
 from moemesh.train.loop import NonFiniteLoss, preflight, resolve_device, train
 from moemesh.plan.memory import check_memory, ranks_on_this_host
-from moemesh.train.resume import choose_checkpoint
+from moemesh.train.resume import choose_checkpoint, continues_run_dir, restarting
 from moemesh.train.stop import Stopped, Stopper, checkpoint_clause, handling_signals, stop_message
 from moemesh.train.rundir import prepare_run_dir
 
@@ -70,6 +70,8 @@ def under_torchrun() -> bool:
 def train_command(cfg: Config) -> int:
     """Run `moemesh train`; the process exit code: 0, 1 (a rank failed), 3 (hang or collective-order
     mismatch, reported by a rank), 128 + signum (stopped by SIGINT / SIGTERM)."""
+    if under_torchrun() and restarting():  # torchrun restarted the group: continue, never start afresh
+        cfg.train.resume, cfg.run.overwrite = "auto", False
     source = preflight(cfg)
     check_memory(cfg, resolve_device(cfg).type, ranks_on_this_host(cfg))
     resume_from = choose_checkpoint(cfg)
@@ -82,7 +84,8 @@ def train_command(cfg: Config) -> int:
                             f"{cfg.parallel.dp}*{cfg.parallel.ep}*{cfg.parallel.tp} = {world}")
         if int(os.environ["RANK"]) != 0:
             return _worker(cfg.to_dict(), cfg.run.dir, resume, True, source)
-        run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
+        # A restart keeps what the failed attempt wrote (its metrics, whether or not a checkpoint exists).
+        run_dir, lock = prepare_run_dir(cfg, resuming=continues_run_dir(cfg, resume_from) or restarting())
         with lock:  # held until this rank exits: _worker ends the process
             return _worker(cfg.to_dict(), str(run_dir), resume, True, source)
     device = resolve_device(cfg)
@@ -90,7 +93,7 @@ def train_command(cfg: Config) -> int:
         raise UserError(f"parallel.dp*ep*tp={world} processes need {world} GPUs; {torch.cuda.device_count()} visible")
     # This process holds the run dir's lock for the whole run. Forked workers inherit its descriptor and
     # so share the lock (they never take it themselves); it ends when the last of them exits.
-    run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
+    run_dir, lock = prepare_run_dir(cfg, resuming=continues_run_dir(cfg, resume_from))
     with lock:
         code = _run_local(cfg, source, run_dir, resume_from, world, device)
         if code == 0:  # the ranks have ended: no process group in this process
@@ -413,11 +416,11 @@ def _run_rank(cfg: Config, run_dir: Path, resume_from: Path | None, source: Toke
     rank = int(os.environ.get("RANK", "0"))
     notes = _RankNotes(rank, run_dir, cfg.run.debug)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart > 0:  # the group was restarted after a failure: continue from the last complete checkpoint
-        cfg.train.resume = "auto"
-        resume_from = choose_checkpoint(cfg)
     mesh = None
     try:
+        if restart > 0:  # restarted after a failure: continue from the last complete checkpoint, never afresh
+            cfg.train.resume, cfg.run.overwrite = "auto", False
+            resume_from = choose_checkpoint(cfg)
         # Data before the process group: a slow file scan must not count against a peer's collective.
         source = source or preflight(cfg, check_ids=False)
         mesh = init_mesh(cfg.parallel, resolve_device(cfg).type)

@@ -217,3 +217,21 @@ def test_another_model_setting_of_the_same_shapes_continues_with_a_warning(four_
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("moemesh: warning")]
     assert warnings == [f"moemesh: warning: continuing checkpoint run/checkpoints/step_000004 with model.top_k=1 "
                         f"(it was trained with 2)"], proc.stderr
+
+
+def test_checkpoint_of_another_run_starts_a_new_run_in_its_dir(four_steps: Path):
+    """A checkpoint from elsewhere: an earlier run in run.dir is refused (or replaced with overwrite),
+    and the new run writes its own checkpoints even at steps the earlier run had."""
+    ckpt = four_steps / "run/checkpoints/step_000004"
+    other = _moemesh(four_steps, "train.steps=6", "run.dir=other", "train.lr=1e-3", *QUIET)
+    assert other.returncode == 0, _ok(other)
+    refused = _moemesh(four_steps, "train.steps=6", "run.dir=other", f"train.resume={ckpt}", *QUIET)
+    _one_error_line(refused, "run.dir=other holds an earlier run")
+    old = (four_steps / "other/checkpoints/step_000006/manifest.json").read_bytes()
+    replaced = _moemesh(four_steps, "train.steps=6", "run.dir=other", f"train.resume={ckpt}",
+                        "run.overwrite=true", *QUIET)
+    assert replaced.returncode == 0, _ok(replaced)
+    assert (four_steps / "other/checkpoints/step_000006/manifest.json").read_bytes() != old
+    assert json.loads((four_steps / "other/summary.json").read_text())["resumed_from_step"] == 4
+    inside = _moemesh(four_steps, "train.steps=8", "run.dir=run", f"train.resume={ckpt}", "run.overwrite=true", *QUIET)
+    _one_error_line(inside, "lies in run.dir=run", "run.overwrite=true deletes")

@@ -96,10 +96,13 @@ def save_checkpoint(trainer: "Trainer", run_dir: Path, step: int) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     if final.exists():
-        if problem_with(final) is None:  # e.g. stopped again right after resuming from it
+        if trainer.resumed == (final.resolve(), step):  # stopped again right after resuming from it
             return final
-        if is_main:  # a damaged checkpoint of this step that resuming skipped: keep it aside, unused
-            final.rename(final.with_name(f"{final.name}.damaged-{time.time_ns()}"))
+        # Not this trajectory's (a damaged one that resuming skipped, or another run's in this dir):
+        # kept aside under a name that is no checkpoint, never deleted, never mistaken for ours.
+        if is_main:
+            final.rename(final.with_name(f"{final.name}.superseded-{time.time_ns()}"))
+        _all_ok(mesh, True)
     staging = root / f".tmp-{final.name}"
     problem = None
     try:
@@ -115,7 +118,7 @@ def save_checkpoint(trainer: "Trainer", run_dir: Path, step: int) -> Path:
             write_manifest(staging, step)
             staging.rename(final)
             fsync_path(root)
-            prune(root, cfg.run.keep_checkpoints)
+            prune(root, cfg.run.keep_checkpoints, step, protect={final, *(trainer.resumed[:1] if trainer.resumed else ())})
     except (Exception, dcp.api.CheckpointException) as exc:  # DCP's wraps each rank's error; a BaseException
         problem = _reason(exc)
         if is_main:
@@ -170,11 +173,15 @@ def seen_exceptions(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and stale staging dirs."""
-    complete = complete_checkpoints(root.parent)
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep: int, step: int, protect: set[Path]) -> None:
+    """Keep the newest `keep` complete checkpoints up to `step`; remove older ones and stale staging dirs.
+    Checkpoints past `step` (a damaged newer one that resuming skipped) are not counted, and neither the
+    checkpoint just written nor the one resumed from is ever removed."""
+    ours = [p for p in complete_checkpoints(root.parent) if step_of(p) <= step]
+    protected = {p.resolve() for p in protect}
+    for old in ours[:-keep]:
+        if old.resolve() not in protected:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -197,8 +204,10 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
     torch.set_rng_state(state["rng/cpu"])
     if "rng/cuda" in state and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng/cuda"], trainer.device)
-    assert step_of(Path(path)) in (None, int(state["train/step"])), (path, int(state["train/step"]))
-    return int(state["train/step"])
+    step = int(state["train/step"])
+    assert step_of(Path(path)) in (None, step), (path, step)
+    trainer.resumed = (Path(path).resolve(), step)
+    return step
 
 
 def checkpoint_config(path: Path) -> Config:

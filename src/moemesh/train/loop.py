@@ -28,6 +28,7 @@ from moemesh.plan.flops import flops_per_token
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.recompute import apply_activation_checkpointing
+from moemesh.train.resume import continues_run_dir
 from moemesh.train.rundir import prepare_run_dir
 
 
@@ -98,6 +99,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
+        self.resumed: tuple[Path, int] | None = None  # (checkpoint, step) this trainer was loaded from
         self.prefetcher = BatchPrefetcher(self._local_batch, device) if device.type == "cuda" else None
 
     def _local_batch(self, step: int) -> torch.Tensor:
@@ -178,9 +180,18 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     device = resolve_device(cfg)
     source = source or preflight(cfg)
     is_main = mesh is None or mesh.rank == 0
-    lock = None  # held until this function returns; the OS drops it if the process dies
+    lock = None  # held until this function returns or raises; the OS drops it if the process dies
     if is_main and run_dir is None:
-        run_dir, lock = prepare_run_dir(cfg, resuming=resume_from is not None)
+        run_dir, lock = prepare_run_dir(cfg, resuming=continues_run_dir(cfg, resume_from))
+    try:
+        return _train(cfg, mesh, source, run_dir, resume_from, device, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, mesh: Mesh | None, source: TokenSource, run_dir: Path, resume_from: Path | None,
+           device: torch.device, is_main: bool) -> dict[str, Any]:
     trainer = Trainer(cfg, mesh, source, device)
     first = load_checkpoint(trainer, resume_from) if resume_from is not None else 0
     writer = (MetricsWriter(run_dir, cfg.train.steps, cfg.run.tensorboard, cfg.run.progress, start_step=first)
@@ -195,10 +206,12 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
 
     def count_skipped(step: int, updated, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
         nonlocal skipped
-        if not updated:
-            skipped += 1
-            if skipped > cfg.train.skip_nonfinite:
-                raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
+        if updated:
+            recent_lm_losses.append(losses[1])  # a skipped step's loss is no part of the final loss
+            return
+        skipped += 1
+        if skipped > cfg.train.skip_nonfinite:
+            raise NonFiniteLoss(_nonfinite_message(step, losses, grad_norm, run_dir, cfg))
 
     evaluator, val_loss = (Evaluator(trainer) if cfg.run.eval_every else None), None
     try:
@@ -208,7 +221,6 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
                 pending.append((step, updated, losses, grad_norm))
             else:
                 count_skipped(step, updated, losses, grad_norm)
-            recent_lm_losses.append(losses[1])
             window_steps += 1
             stop = step == cfg.train.steps or (every and step % every == 0)
             # On SIGINT/SIGTERM every rank stops after the same step (a collective on a mesh), saves and
@@ -253,8 +265,6 @@ def train(cfg: Config, mesh: Mesh | None = None, source: TokenSource | None = No
     if is_main:
         write_summary(run_dir, summary)
         print(format_summary(summary), flush=True)
-    if lock is not None:
-        lock.release()
     return summary
 
 

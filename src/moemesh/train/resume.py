@@ -23,8 +23,11 @@ DATA_KEYS = ("data.source", "data.path", "data.token_dtype", "data.branching", "
 
 
 def choose_checkpoint(cfg: Config) -> Path | None:
-    if cfg.train.resume == "none" or cfg.run.overwrite:
+    if cfg.train.resume == "none" or (cfg.train.resume == "auto" and cfg.run.overwrite):
         return None
+    if cfg.run.overwrite and _inside(Path(cfg.train.resume), Path(cfg.run.dir)):
+        raise UserError(f"train.resume={cfg.train.resume} lies in run.dir={cfg.run.dir}, whose outputs "
+                        f"run.overwrite=true deletes; copy it elsewhere first or drop run.overwrite")
     check_run_dir(cfg)  # an unusable run.dir path is named before any checkpoint is looked for
     if cfg.train.resume == "auto":
         path = _newest_loadable(Path(cfg.run.dir))
@@ -38,6 +41,26 @@ def choose_checkpoint(cfg: Config) -> Path | None:
             raise UserError(f"train.resume={cfg.train.resume}: {problem}")
     check_compatible(cfg, path)
     return path
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
+def continues_run_dir(cfg: Config, resume_from: Path | None) -> bool:
+    """Whether run.dir's earlier outputs are this run's own past (a checkpoint of run.dir is loaded).
+    A checkpoint from elsewhere starts a new run in run.dir: an earlier run there is refused or replaced."""
+    return resume_from is not None and _inside(resume_from, Path(cfg.run.dir))
+
+
+def restarting() -> bool:
+    """A group restarted by the elastic agent after a failure: continue, never start afresh."""
+    import os
+
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def _newest_loadable(run_dir: Path) -> Path | None:
