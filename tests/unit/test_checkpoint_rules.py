@@ -20,12 +20,14 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     return path
 
 
-def test_prune_keeps_the_new_and_the_resumed_checkpoint_and_ignores_newer_ones(tmp_path: Path):
+def test_prune_keeps_the_newest_good_ones_and_ignores_newer_damaged_ones(tmp_path: Path):
     root = tmp_path / "checkpoints"
     old, resumed, new, newer = (_fake_checkpoint(root, s) for s in (10, 20, 25, 30))
-    prune(root, keep=1, step=25, protect={new, resumed})
+    prune(root, keep=2, step=25, protect={new})
     assert not old.exists() and resumed.exists() and new.exists()
     assert newer.exists(), "a newer (damaged, skipped) checkpoint is neither counted nor removed"
+    prune(root, keep=1, step=25, protect={new})
+    assert not resumed.exists() and new.exists() and newer.exists()
 
 
 def test_a_skipped_step_is_no_part_of_the_final_loss(tmp_path: Path, monkeypatch):

@@ -118,7 +118,7 @@ def save_checkpoint(trainer: "Trainer", run_dir: Path, step: int) -> Path:
             write_manifest(staging, step)
             staging.rename(final)
             fsync_path(root)
-            prune(root, cfg.run.keep_checkpoints, step, protect={final, *(trainer.resumed[:1] if trainer.resumed else ())})
+            prune(root, cfg.run.keep_checkpoints, step, protect={final})
     except (Exception, dcp.api.CheckpointException) as exc:  # DCP's wraps each rank's error; a BaseException
         problem = _reason(exc)
         if is_main:
@@ -175,8 +175,8 @@ def seen_exceptions(exc: BaseException) -> list[BaseException]:
 
 def prune(root: Path, keep: int, step: int, protect: set[Path]) -> None:
     """Keep the newest `keep` complete checkpoints up to `step`; remove older ones and stale staging dirs.
-    Checkpoints past `step` (a damaged newer one that resuming skipped) are not counted, and neither the
-    checkpoint just written nor the one resumed from is ever removed."""
+    Checkpoints past `step` (a damaged newer one that resuming skipped) are not counted, so they never push
+    out a good one, and the checkpoint just written is never removed."""
     ours = [p for p in complete_checkpoints(root.parent) if step_of(p) <= step]
     protected = {p.resolve() for p in protect}
     for old in ours[:-keep]:
