@@ -86,6 +86,7 @@ def _profile(cfg, args) -> None:
             trainer.step(step)
         torch.cuda.synchronize()
         window_us = (time.perf_counter() - t0) * 1e6
+    trainer.close()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by = {}
     busy = []

@@ -74,6 +74,7 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
         step_losses, grad_norm, _, _ = trainer.step(step)
         losses.append([*step_losses.tolist(), float(grad_norm)])  # grad norm: Adam hides grad-scale bugs
         dropped.append([moe.expert_load()[1] for moe in trainer.model.moe_layers()])
+    trainer.close()
     final = gather_full_state(trainer.model, trainer.layout, mesh)
     extra_roundtrip = _shard_roundtrip_ok(trainer, final, mesh)
     loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]

@@ -102,6 +102,11 @@ class Trainer:
         self.resumed: tuple[Path, int] | None = None  # (checkpoint, step) this trainer was loaded from
         self.prefetcher = BatchPrefetcher(self._local_batch, device) if device.type == "cuda" else None
 
+    def close(self) -> None:
+        """Stop the batch thread (on CUDA); a thread inside a torch call at interpreter exit aborts it."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
     def _local_batch(self, step: int) -> torch.Tensor:
         cfg = self.cfg
         batch = self.source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len)
@@ -247,8 +252,7 @@ def _train(cfg: Config, mesh: Mesh | None, source: TokenSource, run_dir: Path, r
             if signum is not None:
                 raise Stopped(signum, step)
     finally:
-        if trainer.prefetcher is not None:
-            trainer.prefetcher.close()
+        trainer.close()
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
