@@ -24,11 +24,12 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child import run_child as run_child_process  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, WARMUP, LOG_EVERY = 18, 8, 2
@@ -92,17 +93,8 @@ def child(args) -> None:
 
 def run_child(overrides: list[str], run_dir: Path, warmup: int, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, __file__, "--child", "--overrides", json.dumps(overrides), "--run-dir", str(run_dir),
-           "--warmup", str(warmup)]
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
-    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - started}
+    return run_child_process([__file__, "--child", "--overrides", json.dumps(overrides), "--run-dir", str(run_dir),
+                            "--warmup", str(warmup)], env, timeout)
 
 
 def predict(cfg) -> dict:

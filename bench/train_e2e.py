@@ -23,10 +23,11 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child import run_child as run_child_process  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 780.0
@@ -117,17 +118,10 @@ def _profile(cfg, args) -> None:
 def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warmup: int, profile: bool = False,
               timeout: int = 400) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--overrides", json.dumps(overrides),
-           "--run-dir", str(run_dir), "--warmup", str(warmup), "--code", tree.parent.name.strip(".") if tree.parent != REPO else "after"] + (["--profile"] if profile else [])
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
-    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - started}
+    code = tree.parent.name.strip(".") if tree.parent != REPO else "after"
+    return run_child_process([__file__, "--child", "--preset", preset, "--overrides", json.dumps(overrides),
+                            "--run-dir", str(run_dir), "--warmup", str(warmup), "--code", code]
+                           + (["--profile"] if profile else []), env, timeout)
 
 
 def main() -> int:

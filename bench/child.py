@@ -1,0 +1,22 @@
+"""Shared by the bench scripts: run one measurement in a child process and read back its JSON result,
+a line `RESULT {...}` on stdout (a child's own CUDA state, imports and crashes stay out of the parent)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+
+def run_child(args: list[str], env: dict[str, str], timeout: float) -> dict:
+    """`python <args>`; its last RESULT line as a dict plus wall_s, or {"error", "stderr"}."""
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - started}
