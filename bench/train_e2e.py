@@ -111,8 +111,32 @@ def _profile(cfg, args) -> None:
             end = stop
     total = sum(by.values())
     out = {"window_ms": window_us / 1e3, "kernel_ms": total / 1e3, "busy_ms": union / 1e3,
-           "idle_frac": 1 - union / window_us, "share": {k: v / total for k, v in sorted(by.items())}}
+           "idle_frac": 1 - union / window_us, "share": {k: v / total for k, v in sorted(by.items())},
+           **_idle_causes(prof, kernels)}
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def _idle_causes(prof, kernels) -> dict:
+    """What to look at when the GPU idles: host calls that wait for the device or the allocator, the
+    largest gaps between kernels (with their neighbours), and the kernels that take the most time."""
+    import torch
+
+    waits = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and any(
+                k in e.name for k in ("Synchronize", "cudaMalloc", "cudaFree", "cudaMemcpy", "cudaHostAlloc")):
+            count, us = waits.get(e.name, (0, 0.0))
+            waits[e.name] = (count + 1, us + e.cpu_time_total)
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps = sorted(((b.time_range.start - a.time_range.end, a.name[:60], b.name[:60])
+                   for a, b in zip(ordered, ordered[1:])), reverse=True)[:6]
+    top = {}
+    for e in kernels:
+        count, us = top.get(e.name[:80], (0, 0.0))
+        top[e.name[:80]] = (count + 1, us + e.device_time)
+    return {"host_waits": {k: {"count": c, "ms": us / 1e3} for k, (c, us) in waits.items()},
+            "largest_gaps_ms": [[g / 1e3, a, b] for g, a, b in gaps],
+            "top_kernels_ms": [[k, c, us / 1e3] for k, (c, us) in sorted(top.items(), key=lambda kv: -kv[1][1])[:15]]}
 
 
 def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warmup: int, profile: bool = False,
@@ -169,6 +193,9 @@ def main() -> int:
     plan += [(f"mixtral-shaped/after-recompute-{mode}", "after", "gpu",
               [*CONFIGS["mixtral-shaped"][1], f"train.steps={steps}", "run.log_every=5",
                f"train.activation_checkpointing={mode}"]) for mode in ("moe", "full")]
+    plan += [(f"{name}/after-torch-adamw", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
+                                                           "run.log_every=5", "train.fused_master_step=false"])
+             for name in CONFIGS]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
     only = set(filter(None, args.only.split(",")))
@@ -191,13 +218,15 @@ def main() -> int:
         print(label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
                       if k not in ("losses", "stderr")}, result.get("stderr", "")[-1500:], flush=True)
         save()
-    for name in ("mixtral-shaped", "fine-grained") if torch.cuda.is_available() else ():
-        if only and f"{name}/profile" not in only:
+    profiles = [(f"{name}/profile{suffix}", name, extra) for name in ("mixtral-shaped", "fine-grained")
+                for suffix, extra in (("", []), ("-torch-adamw", ["train.fused_master_step=false"]))]
+    for label, name, extra in profiles if torch.cuda.is_available() else ():
+        if only and label not in only:
             continue
         preset, overrides = CONFIGS[name]
-        report["runs"][f"{name}/profile"] = prof = run_child(trees["after"], preset, [*overrides, *dry],
-                                                              out / "runs" / f"{name}_profile", warmup, profile=True)
-        print(f"{name}/profile", prof, flush=True)
+        report["runs"][label] = prof = run_child(trees["after"], preset, [*overrides, *extra, *dry],
+                                                 out / "runs" / label.replace("/", "_"), warmup, profile=True)
+        print(label, prof, flush=True)
         save()
     for name in CONFIGS:
         before, after = report["runs"].get(f"{name}/before", {}), report["runs"].get(f"{name}/after", {})

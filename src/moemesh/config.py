@@ -84,6 +84,7 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
     param_dtype: str = "auto"  # "auto" (bfloat16 with fp32 master weights when training in bf16 on cuda) | "float32" | "bfloat16"
     activation_checkpointing: str = "none"  # "none" | "moe" (recompute MoE layers in backward) | "full" (blocks)
+    fused_master_step: bool = True  # bf16 params on cuda: AdamW on the masters in one Triton pass (false: torch's)
 
 
 @dataclass

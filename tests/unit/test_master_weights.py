@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from moemesh.config import load_config
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
 from moemesh.train.data import build_source
+from moemesh.train import loop
 from moemesh.train.loop import Trainer
 
 
@@ -51,3 +53,25 @@ def test_checkpoint_holds_the_masters_and_resumes_exactly(tmp_path: Path):
     as_fp32 = _trainer(tmp_path / "r", "float32")
     load_checkpoint(as_fp32, path)
     assert all(torch.equal(a, b) for a, b in zip(as_fp32.model.parameters(), first.params.parameters()))
+
+
+def test_one_pass_master_step_trains_like_the_unfused_one(tmp_path: Path, monkeypatch):
+    """The GPU path (device-side checks, the Triton AdamW fed the model's bf16 gradients), run on the CPU by
+    Triton's interpreter, against the unfused CPU path (fp32 master gradients, torch's AdamW, copy back)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(loop, "runs_ahead", lambda device: True)
+    fused = _trainer(tmp_path / "f", "bfloat16", 6)
+    assert fused.fused_master and not fused.grads_on_masters and fused.grad_holder is fused.model
+    monkeypatch.setattr(loop, "runs_ahead", lambda device: False)
+    plain = _trainer(tmp_path / "p", "bfloat16", 6)
+    assert not plain.fused_master
+    for s in range(1, 7):
+        (lf, nf, _, okf), (lp, np_, _, okp) = fused.step(s), plain.step(s)
+        assert bool(okf) and okp
+        torch.testing.assert_close(lf, lp, rtol=2e-3, atol=0)  # bf16 compute; AdamW rounding differs
+        torch.testing.assert_close(nf, np_, rtol=2e-2, atol=0)
+    assert all(p.grad is None for p in fused.model.parameters())
+    for (_, p), master in zip(fused.model.named_parameters(), fused.params.parameters()):
+        assert torch.equal(p, master.to(torch.bfloat16))
+    assert all(float(fused.optimizer.state[m]["step"]) == 6 for m in fused.params.parameters())

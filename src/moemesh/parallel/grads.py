@@ -53,13 +53,14 @@ def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float, mesh: Mesh
     """Scale gradients so the global L2 norm (each distinct element counted once) is at most max_norm;
     return the norm before clipping. One scalar all-reduce over the world. With scale_grads=False the
     caller applies `clip_factor(norm, max_norm)` itself (fused AdamW does it inside its kernel).
-    `model` is anything with `named_parameters()` (a model, or its fp32 master weights)."""
+    `model` is anything with `named_parameters()` (a model, or its fp32 master weights); bf16 gradients
+    are summed in fp32."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
             by_replicas.setdefault(layout.replicas(name), []).append(p.grad)
     # One fused norm kernel per replica count (at most 3 groups) instead of one per parameter.
-    sumsq = sum(torch.stack(torch._foreach_norm(group)).pow(2).sum() / replicas
+    sumsq = sum(torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).pow(2).sum() / replicas
                 for replicas, group in by_replicas.items())
     if mesh is not None:
         sumsq = mesh.comm("world").all_reduce(sumsq)

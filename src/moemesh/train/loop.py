@@ -25,6 +25,7 @@ from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
+from moemesh.train import fused_adamw
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.recompute import apply_activation_checkpointing
@@ -79,6 +80,11 @@ def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[T
     return model, layout
 
 
+def runs_ahead(device: torch.device) -> bool:
+    """Whether the host queues steps ahead of the device, so the step must not wait for values on it."""
+    return device.type == "cuda"
+
+
 RECENT_LOSSES = 10  # summary.json's final_lm_loss is their mean
 
 
@@ -94,8 +100,15 @@ class Trainer:
         self.params = self.masters if self.masters is not None else self.model
         # On a GPU the step runs ahead of the host: fused AdamW (a few kernels, not ~1,000 launches) skips
         # a non-finite step on the device, and the host learns of it later, when it reads the metrics.
-        self.on_device_checks = device.type == "cuda"
+        self.on_device_checks = runs_ahead(device)
         self.optimizer = build_optimizer(self.params, cfg.train, fused=self.on_device_checks)
+        # bf16 parameters on a GPU: one Triton pass per tensor does AdamW on the masters and writes the
+        # bf16 parameters (`fused_adamw.py`). A single process feeds it the model's bf16 gradients as they
+        # are; on a mesh they become fp32 master gradients first, so they are reduced across ranks in fp32.
+        self.fused_master = (self.masters is not None and self.on_device_checks and cfg.train.fused_master_step
+                             and fused_adamw.available(device))
+        self.grads_on_masters = self.masters is not None and (not self.fused_master or mesh is not None)
+        self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
@@ -130,29 +143,35 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
             out = model(batch_BS[:, :-1], batch_BS[:, 1:])
         out.loss.backward()
-        if self.masters is not None:
+        if self.grads_on_masters:
             self.masters.grads_to_masters()
-        sync_gradients(self.params, self.layout, self.mesh)
+        sync_gradients(self.grad_holder, self.layout, self.mesh)
         # Fused AdamW applies the clipping factor inside its kernel (as `grad_scale`, the factor it divides
         # gradients by): one pass over the gradients less.
-        grad_norm = clip_grad_norm(self.params, self.layout, cfg.train.grad_clip, self.mesh,
+        grad_norm = clip_grad_norm(self.grad_holder, self.layout, cfg.train.grad_clip, self.mesh,
                                    scale_grads=not self.on_device_checks)
         losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), self.mesh)
         # Both are global (all-reduced), so every rank takes the same decision.
         finite = torch.isfinite(grad_norm) & torch.isfinite(losses).all()
         if self.on_device_checks:
-            self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves params, moments and step as they are
-            self.optimizer.grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-            self.optimizer.step()
+            found_inf = (~finite).float()  # the step is skipped on the device: params, moments and count stay
+            grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+            if self.fused_master:
+                fused_adamw.step(self.optimizer, self.masters.model_params(),
+                                 self.masters.grads(self.grads_on_masters), found_inf, grad_scale)
+            else:
+                self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, grad_scale
+                self.optimizer.step()
             for moe in model.moe_layers():
                 moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate * finite)
         elif finite := bool(finite):
             self.optimizer.step()
             for moe in model.moe_layers():
                 moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
-        if self.masters is not None:
+        if self.masters is not None and not self.fused_master:
             self.masters.masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         return losses, grad_norm, lr, finite
 
 

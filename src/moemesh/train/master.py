@@ -33,6 +33,17 @@ class MasterWeights:
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(self._masters)
 
+    def model_params(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Each master -> the bf16 parameter the model computes with."""
+        return {master: p for (_, p), master in zip(self._named, self._masters)}
+
+    def grads(self, on_masters: bool) -> dict[torch.Tensor, torch.Tensor]:
+        """Each master -> its gradient: the fp32 master gradient, or the model's bf16 one."""
+        pairs = zip(self._named, self._masters)
+        if on_masters:
+            return {master: master.grad for _, master in pairs if master.grad is not None}
+        return {master: p.grad for (_, p), master in pairs if p.grad is not None}
+
     def grads_to_masters(self) -> None:
         for (_, p), master in zip(self._named, self._masters):
             if p.grad is not None:
