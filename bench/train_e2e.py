@@ -196,6 +196,9 @@ def main() -> int:
     plan += [(f"{name}/after-torch-adamw", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
                                                            "run.log_every=5", "train.fused_master_step=false"])
              for name in CONFIGS]
+    plan += [(f"{name}/after-compile", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
+                                                       "run.log_every=5", "train.compile=true"])
+             for name in CONFIGS]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
     only = set(filter(None, args.only.split(",")))

@@ -85,6 +85,7 @@ class TrainConfig:
     param_dtype: str = "auto"  # "auto" (bfloat16 with fp32 master weights when training in bf16 on cuda) | "float32" | "bfloat16"
     activation_checkpointing: str = "none"  # "none" | "moe" (recompute MoE layers in backward) | "full" (blocks)
     fused_master_step: bool = True  # bf16 params on cuda: AdamW on the masters in one Triton pass (false: torch's)
+    compile: bool = False  # torch.compile the dense parts of each block (norms, attention); needs parallel.tp=1
 
 
 @dataclass
@@ -330,6 +331,8 @@ def _validate(cfg: Config) -> None:
         (d.source != "synthetic" or d.branching <= m.vocab_size,
          f"data.branching={d.branching} must be <= model.vocab_size={m.vocab_size}"),
         (d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be < 1"),
+        (not t.compile or cfg.parallel.tp == 1,
+         f"train.compile=true needs parallel.tp=1 (got {cfg.parallel.tp}): tensor parallelism's hooks are not compiled"),
         (d.source == "synthetic" or not cfg.run.eval_every or d.val_fraction > 0,
          f"run.eval_every={cfg.run.eval_every} needs data.val_fraction > 0 with data.source={d.source!r} "
          f"(the held-out part of the file)"),

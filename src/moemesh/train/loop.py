@@ -28,6 +28,7 @@ from moemesh.plan.flops import flops_per_token
 from moemesh.train import fused_adamw
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
+from moemesh.train.compiled import apply_compile
 from moemesh.train.recompute import apply_activation_checkpointing
 from moemesh.train.resume import continues_run_dir
 from moemesh.train.rundir import prepare_run_dir
@@ -76,6 +77,7 @@ def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[T
     with torch.device(device):
         model = Transformer(cfg.model)
     model, layout = parallelize(model, mesh, cfg.parallel)
+    apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model, layout
 

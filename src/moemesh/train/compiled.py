@@ -1,0 +1,30 @@
+"""`train.compile`: torch.compile of each block's dense parts (the two RMSNorms and attention, and a
+dense block's MLP), applied from outside the model like activation checkpointing.
+
+These are chains of small memory-bound operations in eager mode (the norm's fp32 upcast, square, mean,
+rsqrt and scale; rotary embedding on strided views of q and k), which Inductor fuses into a few kernels.
+The MoE layer stays eager: its row counts change every step and its grouped GEMMs are already single
+kernels. `nn.Module.compile()` compiles in place, so parameter names, the placement table and checkpoints
+are unchanged. Tensor parallelism's hooks would be traced into the graph, so compile needs tp=1.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moemesh.model.layers import SwiGLU
+from moemesh.model.transformer import Transformer
+
+BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
+
+
+def apply_compile(model: Transformer, enabled: bool) -> None:
+    if not enabled:
+        return
+    modules: list[nn.Module] = [model.norm]
+    for block in model.layers:
+        modules += [block.attention_norm, block.attention, block.ffn_norm]
+        if isinstance(block.ffn, SwiGLU):
+            modules.append(block.ffn)
+    for module in modules:
+        module.compile(backend=BACKEND, fullgraph=True, dynamic=False)
