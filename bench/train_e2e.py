@@ -222,7 +222,8 @@ def main() -> int:
                       if k not in ("losses", "stderr")}, result.get("stderr", "")[-1500:], flush=True)
         save()
     profiles = [(f"{name}/profile{suffix}", name, extra) for name in ("mixtral-shaped", "fine-grained")
-                for suffix, extra in (("", []), ("-torch-adamw", ["train.fused_master_step=false"]))]
+                for suffix, extra in (("", []), ("-torch-adamw", ["train.fused_master_step=false"]),
+                                      ("-compile", ["train.compile=true"]))]
     for label, name, extra in profiles if torch.cuda.is_available() else ():
         if only and label not in only:
             continue
