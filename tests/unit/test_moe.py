@@ -7,7 +7,7 @@ import torch
 
 from moemesh.model.grouped import grouped_mm, grouped_mm_loop, grouped_mm_supported
 from moemesh.model.layers import SwiGLU
-from moemesh.model.moe import (MoE, Router, RoutingStats, balance_losses, capacity_per_group, combine, count_ids,
+from moemesh.model.moe import (MoE, Router, RoutingStats, balance_losses, capacity_per_group, combine, count_ids, gather_tokens,
                                permute)
 
 LOGITS = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]]
@@ -212,3 +212,49 @@ def test_capacity_mode_zero_output_for_dropped_tokens():
 def test_count_ids_matches_bincount_including_absent_ids():
     ids = torch.tensor([3, 0, 3, 3, 5])
     assert count_ids(ids, 7).tolist() == torch.bincount(ids, minlength=7).tolist() == [1, 0, 0, 3, 0, 1, 0]
+
+
+def _indexing_reference(x_TD, y_RD, order_R, weights_TK):
+    """The same stages by plain indexing (the path kept for dropped assignments)."""
+    T, K = weights_TK.shape
+    rows = x_TD[order_R // K]
+    slots = torch.zeros(T * K, y_RD.shape[-1], dtype=y_RD.dtype)
+    slots[order_R] = y_RD * weights_TK.reshape(-1)[order_R][:, None].to(y_RD.dtype)
+    return rows, slots.view(T, K, -1).sum(dim=1, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropless_gather_and_combine_equal_indexing_forward_and_backward(dtype):
+    """With every assignment kept, gather_tokens and combine take their permutation paths (gathers only,
+    no sort-based accumulation); values and gradients equal the indexing reference."""
+    torch.manual_seed(0)
+    T, K, D, E = 12, 3, 8, 5
+    experts_TK = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    perm = permute(experts_TK, E, capacity=None)
+    x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    w = torch.rand(T, K, requires_grad=True)
+    mix = torch.randn(D, D, dtype=dtype)
+    probe = torch.randn(T, D)  # a different gradient for every token
+    outs, grads = [], []
+    for use_perm_path in (True, False):
+        xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        if use_perm_path:
+            rows = gather_tokens(xi, perm, K)
+            out = combine(rows @ mix, perm.order_R, wi)
+        else:
+            rows, _ = _indexing_reference(xi, xi[:1], perm.order_R, wi)
+            _, out = _indexing_reference(xi, rows @ mix, perm.order_R, wi)
+        (out * probe).sum().backward()
+        outs.append(out)
+        grads.append((xi.grad, wi.grad))
+    assert torch.equal(outs[0], outs[1])  # same products, same fp32 sum order
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(grads[0][0], grads[1][0], **tol)  # x: K copies summed (fp32 here)
+    torch.testing.assert_close(grads[0][1], grads[1][1], **tol)
+
+
+def test_gather_tokens_with_drops_indexes():
+    experts_TK = torch.tensor([[1, 0], [1, 2], [1, 0], [1, 2]])
+    perm = permute(experts_TK, 4, capacity=2)
+    x = torch.arange(8.0).view(4, 2).requires_grad_()
+    assert torch.equal(gather_tokens(x, perm, 2), x[perm.order_R // 2])

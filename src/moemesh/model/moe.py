@@ -85,6 +85,16 @@ class Permutation:
     num_dropped: torch.Tensor  # int64 scalar
 
 
+def inverse_rows(order_R: torch.Tensor, num_assignments: int) -> torch.Tensor | None:
+    """Row of each assignment when every assignment is kept (order_R is then a permutation of T*K),
+    else None. Decided by the shape, so no host sync."""
+    if order_R.numel() != num_assignments:
+        return None
+    inverse_A = torch.empty_like(order_R)
+    inverse_A[order_R] = torch.arange(num_assignments, device=order_R.device)
+    return inverse_A
+
+
 def count_ids(ids: torch.Tensor, num_ids: int) -> torch.Tensor:
     """How often each id in [0, num_ids) occurs; unlike torch.bincount, no host sync on CUDA."""
     return torch.zeros(num_ids, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
@@ -117,15 +127,62 @@ def permute(experts_TK: torch.Tensor, num_experts: int, capacity: int | None, gr
     return Permutation(order_R, counts_E, (~keep_A).sum())
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x_RD = x_TD[order_R // K] when every assignment is kept. Indexing's backward would accumulate the
+    K copies of each token with a sort and an index_put; here the backward gathers the row gradients
+    back into (token, choice) order and sums the K choices: two plain passes, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_R, inverse_A, top_k):
+        ctx.save_for_backward(inverse_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (inverse_A,) = ctx.saved_tensors
+        g_AD = g_RD.index_select(0, inverse_A)
+        return g_AD.view(-1, ctx.top_k, g_AD.shape[-1]).sum(dim=1), None, None, None
+
+
+def gather_tokens(x_TD: torch.Tensor, perm: Permutation, top_k: int) -> torch.Tensor:
+    """Stage 2: the input row of every kept assignment, in the permutation's order."""
+    token_R = perm.order_R // top_k
+    inverse_A = inverse_rows(perm.order_R, x_TD.shape[0] * top_k)
+    if inverse_A is None or not x_TD.requires_grad:
+        return x_TD[token_R]
+    return _GatherTokens.apply(x_TD, token_R, inverse_A, top_k)
+
+
+class _SumChoices(torch.autograd.Function):
+    """out_TD = sum over k of yw_RD[inverse_A[t*K + k]] in fp32, when every assignment is kept: one
+    gather and a sum instead of a zeroed T*K*D slot buffer and a scatter. Backward: every row's gradient
+    is its token's, one gather from T*D."""
+
+    @staticmethod
+    def forward(ctx, yw_RD, inverse_A, token_R, top_k):
+        ctx.save_for_backward(token_R)
+        ctx.dtype = yw_RD.dtype
+        slots_AD = yw_RD.index_select(0, inverse_A)
+        return slots_AD.view(-1, top_k, slots_AD.shape[-1]).sum(dim=1, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (token_R,) = ctx.saved_tensors
+        return g_TD.index_select(0, token_R).to(ctx.dtype), None, None, None
+
+
 def combine(y_RD: torch.Tensor, order_R: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """Stage 4: weight each row, put it in its (token, choice) slot, sum choices in a fixed order
-    (deterministic, unlike an atomic index_add)."""
+    (deterministic, unlike an atomic index_add). The sum over choices accumulates in fp32; rows and
+    weights are multiplied in the experts' dtype (bf16 under autocast: half the bytes kept for backward)."""
     num_tokens, top_k = weights_TK.shape
-    w_R = weights_TK.reshape(-1)[order_R]
-    # Slots in the experts' dtype (bf16 under autocast: half the bytes of the T*K*D buffer kept for
-    # backward); the sum over choices accumulates in fp32. In fp32 this is the same arithmetic as before.
-    slots_AD = y_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1])
-    slots_AD[order_R] = y_RD * w_R[:, None].to(y_RD.dtype)
+    yw_RD = y_RD * weights_TK.reshape(-1)[order_R][:, None].to(y_RD.dtype)
+    inverse_A = inverse_rows(order_R, num_tokens * top_k)
+    if inverse_A is not None:
+        return _SumChoices.apply(yw_RD, inverse_A, order_R // top_k, top_k)
+    slots_AD = yw_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1])
+    slots_AD[order_R] = yw_RD
     return slots_AD.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32)
 
 
@@ -165,7 +222,7 @@ class LocalDispatcher:
 
     def __call__(self, x_TD, weights_TK, perm, experts):
         top_k = weights_TK.shape[1]
-        y_RD = experts(x_TD[perm.order_R // top_k], perm.counts_E)
+        y_RD = experts(gather_tokens(x_TD, perm, top_k), perm.counts_E)
         return combine(y_RD, perm.order_R, weights_TK)
 
 

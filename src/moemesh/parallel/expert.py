@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.model.moe import GroupedExperts, Permutation, combine, to_compute_dtype
+from moemesh.model.moe import GroupedExperts, Permutation, combine, gather_tokens, to_compute_dtype
 from moemesh.parallel.comm import AxisComm, all_to_all, copy_to_group
 
 
@@ -42,7 +42,7 @@ class ExpertParallelDispatcher:
             # Each TP rank computes with a slice of every expert: input and weight gradients are partial.
             x_TD = copy_to_group(x_TD, self.model_comm)
             weights_TK = copy_to_group(weights_TK, self.model_comm)
-        x_RD = to_compute_dtype(x_TD[perm.order_R // top_k])  # bf16 rows on the wire under autocast
+        x_RD = to_compute_dtype(gather_tokens(x_TD, perm, top_k))  # bf16 rows on the wire under autocast
         if self.expert_comm is None:
             y_RD = experts(x_RD, perm.counts_E)
         else:
