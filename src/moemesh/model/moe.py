@@ -193,6 +193,10 @@ def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def silu_mul(gate_RF: torch.Tensor, up_RF: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate_RF) * up_RF
+
+
 class GroupedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored stacked for one grouped GEMM per projection."""
 
@@ -203,12 +207,13 @@ class GroupedExperts(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # the Transformer re-initialises with its std
             nn.init.normal_(w, std=0.02)
+        self.activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = silu_mul  # train.compile swaps it
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
         x_RD = to_compute_dtype(x_RD)
         w1, w3, w2 = (w.to(x_RD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        h_RF = F.silu(grouped_mm(x_RD, w1, offsets_E)) * grouped_mm(x_RD, w3, offsets_E)
+        h_RF = self.activation(grouped_mm(x_RD, w1, offsets_E), grouped_mm(x_RD, w3, offsets_E))
         return grouped_mm(h_RF, w2, offsets_E)
 
 

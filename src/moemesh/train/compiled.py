@@ -3,16 +3,19 @@ dense block's MLP), applied from outside the model like activation checkpointing
 
 These are chains of small memory-bound operations in eager mode (the norm's fp32 upcast, square, mean,
 rsqrt and scale; rotary embedding on strided views of q and k), which Inductor fuses into a few kernels.
-The MoE layer stays eager: its row counts change every step and its grouped GEMMs are already single
-kernels. `nn.Module.compile()` compiles in place, so parameter names, the placement table and checkpoints
-are unchanged. Tensor parallelism's hooks would be traced into the graph, so compile needs tp=1.
+The MoE layer stays eager (its grouped GEMMs are already single kernels), except the experts'
+silu(gate) * up, compiled with a dynamic row count (it changes every step under expert parallelism) into
+one kernel each way. `nn.Module.compile()` compiles in place, so parameter names, the placement table
+and checkpoints are unchanged. Tensor parallelism's hooks would be traced into the graph, so compile needs tp=1.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moemesh.model.layers import SwiGLU
+from moemesh.model.moe import MoE, silu_mul
 from moemesh.model.transformer import Transformer
 
 BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
@@ -28,3 +31,7 @@ def apply_compile(model: Transformer, enabled: bool) -> None:
             modules.append(block.ffn)
     for module in modules:
         module.compile(backend=BACKEND, fullgraph=True, dynamic=False)
+    activation = torch.compile(silu_mul, backend=BACKEND, fullgraph=True, dynamic=True)
+    for block in model.layers:
+        if isinstance(block.ffn, MoE):
+            block.ffn.experts.activation = activation
