@@ -37,7 +37,12 @@ def test_bf16_model_fp32_masters_train_like_fp32_parameters(tmp_path: Path):
         assert torch.equal(p, master.to(torch.bfloat16))  # the model is its masters, rounded
 
 
-def test_checkpoint_holds_the_masters_and_resumes_exactly(tmp_path: Path):
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_checkpoint_holds_the_masters_and_resumes_exactly(tmp_path: Path, monkeypatch, one_pass):
+    if one_pass:  # the GPU path: device-side checks and the Triton master step (its interpreter, here)
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(loop, "runs_ahead", lambda device: True)
     straight = _trainer(tmp_path / "s", "bfloat16")
     want = [straight.step(s)[0] for s in range(1, 9)]
     first = _trainer(tmp_path / "r", "bfloat16")
@@ -45,6 +50,7 @@ def test_checkpoint_holds_the_masters_and_resumes_exactly(tmp_path: Path):
         first.step(s)
     path = save_checkpoint(first, tmp_path / "r", 4)
     again = _trainer(tmp_path / "r", "bfloat16")
+    assert again.fused_master == one_pass
     assert load_checkpoint(again, path) == 4
     got = [again.step(s)[0] for s in range(5, 9)]
     assert all(torch.equal(g, w) for g, w in zip(got, want[4:]))
