@@ -80,7 +80,8 @@ def _add_planner_commands(sub) -> None:
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu", default="h200", help="h200 (default), h100 or a100")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--calibrate", default=None, metavar="JSON", help="fit the efficiency constants to a bench JSON")
+    plan.add_argument("--calibrate", action="append", default=[], metavar="JSON",
+                      help="fit the constants to the calibration runs of a bench JSON (repeatable)")
     plan.add_argument("--imbalance", type=float, default=1.3, help="max/mean tokens per expert rank (default 1.3)")
     plan.add_argument("--sharded-init", action="store_true",
                       help="ignore the full-model build on each GPU (as if it were initialised sharded)")

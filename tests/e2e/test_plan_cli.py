@@ -41,3 +41,23 @@ def test_bad_input(tmp_path: Path, args, message):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("moemesh: error: plan: ") and message in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+def test_validation_dry_run_then_offline_report(tmp_path: Path):
+    """bench/plan_validate.py's plumbing on CPU (tiny configs, one per list, each in a child process),
+    then bench/plan_report.py on what it wrote."""
+    bench = SRC.parent / "bench"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, str(bench / "plan_validate.py"), "--cpu-dry-run", "--which", "all",
+                           "--limit", "1", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads((tmp_path / "plan_validate.json").read_text())["runs"]
+    assert sorted(r["set"] for r in runs.values()) == ["calibration", "heldout"]
+    assert all(r["measured_step_ms"] > 0 and "train.device=cpu" in r["overrides"] for r in runs.values())
+    proc = subprocess.run([sys.executable, str(bench / "plan_report.py"), str(tmp_path / "plan_validate.json"),
+                           "--constants", "shipped", "--out", str(tmp_path / "report.json")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["summary"]) == {"calibration", "heldout"} and len(report["rows"]) == 2
+    assert "## heldout (1 configs)" in proc.stdout

@@ -1,15 +1,21 @@
 """The planner: enumeration yields all and only the layouts `load_config` accepts; the shipped H200
-constants are the fit of the shipped benchmark; the calibration table is bench/train_e2e.py's."""
+constants are the fit of the shipped benchmarks, and the fit recovers known constants; the calibration
+and held-out lists of bench/plan_validate.py are what docs/planner.md says."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moemesh.config import load_config
 from moemesh.errors import ConfigError, UserError
-from moemesh.plan.cost import GPUS, H200_CONSTANTS, TRAIN_E2E_CONFIGS, fit
+from moemesh.parallel.layout import build_layout
+from moemesh.plan.cost import (GPUS, H200_CONSTANTS, LOWER, TRAIN_E2E_CONFIGS, Constants, compute_terms, fit, nnls,
+                               run_features)
+from moemesh.plan.memory import CountsByLayout, meta_model, param_counts
 from moemesh.plan.search import enumerate_plans, rank
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,19 +49,97 @@ def test_ranking_prefers_fewer_collectives_on_one_node():
     assert best.fits and best.step_s > 0 and best.bottleneck in best.terms
 
 
-def test_shipped_constants_are_the_fit_of_the_shipped_benchmark():
-    fitted = fit(ROOT / "bench" / "results" / "train_e2e.json")
-    for name in ("e_gemm", "c_elem", "c_opt"):
-        assert getattr(fitted, name) == pytest.approx(getattr(H200_CONSTANTS, name), rel=2e-3), name
+SHIPPED_FITS = [ROOT / "bench" / "results" / "plan_validate.json", ROOT / "bench" / "results" / "train_e2e.json"]
 
 
-def test_calibration_configs_are_the_benchmarks():
+def bench(name: str):
+    import importlib
     import sys
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from train_e2e import CONFIGS
+    return importlib.import_module(name)
 
-    assert {name: list(ov) for name, (_, ov) in CONFIGS.items()} == TRAIN_E2E_CONFIGS
+
+def test_shipped_constants_are_the_fit_of_the_shipped_benchmarks():
+    fitted = fit(SHIPPED_FITS)
+    for name in LOWER:
+        assert getattr(fitted, name) == pytest.approx(getattr(H200_CONSTANTS, name), rel=2e-3), name
+
+
+def test_fitted_gemm_efficiency_stays_below_the_measured_peak():
+    for n in (1, 128, 1408, 4096, 1e9):
+        assert 0 < H200_CONSTANTS.gemm_efficiency(n) <= 1
+    assert H200_CONSTANTS.gemm_efficiency(1408) < H200_CONSTANTS.gemm_efficiency(4096)
+
+
+def test_fit_recovers_known_constants(tmp_path: Path):
+    """Measurements made from known constants (a file in plan_validate.py's format): the fit on the
+    calibration runs gives those constants back; the held-out run, made with other constants, is ignored."""
+    truth = Constants(gemm_a=1.3, gemm_b=0.6, c_attn=2.2, c_elem=30.0, c_head=12.0, c_opt=40.0, c_layer=1.5)
+    other = Constants(gemm_a=5.0, gemm_b=5.0, c_attn=9.0, c_elem=1.0, c_head=1.0, c_opt=1.0, c_layer=50.0)
+    runs = {}
+    for label, overrides in {**bench("plan_validate").CALIBRATION, "h": bench("plan_validate").HELDOUT[
+            next(iter(bench("plan_validate").HELDOUT))]}.items():
+        step_s = sum(compute_terms(run_features(overrides, GPUS["h200"]), other if label == "h" else truth).values())
+        cfg = load_config("gpu", overrides)
+        runs[label] = {"set": "heldout" if label == "h" else "calibration", "overrides": overrides,
+                       "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / step_s}
+    (tmp_path / "m.json").write_text(json.dumps({"gpu": "synthetic", "runs": runs}))
+    fitted = fit(tmp_path / "m.json")
+    for name in LOWER:
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-4), name
+
+
+def test_fit_respects_the_bounds():
+    """Data that wants a negative coefficient: the solution satisfies the optimality (KKT) conditions of
+    least squares with x >= 0; data from non-negative coefficients is solved exactly."""
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.normal(size=(12, 3)))
+    y = a @ np.array([-1.0, 2.0, 0.5])
+    assert (np.linalg.lstsq(a, y, rcond=None)[0] < 0).any()  # the bound binds
+    x = nnls(a, y)
+    gradient = a.T @ (y - a @ x)
+    assert (x >= 0).all() and (x == 0).any()
+    assert np.abs(gradient[x > 0]).max() < 1e-9 and (gradient[x == 0] <= 1e-9).all()
+    assert nnls(a, a @ np.array([1.0, 2.0, 0.5])) == pytest.approx([1.0, 2.0, 0.5], rel=1e-9)
+
+
+def test_validation_lists():
+    """Calibration = the previous validation's 13 configs + train_e2e.py's 3; held-out: 12 or more others."""
+    pv = bench("plan_validate")
+    old = json.loads(SHIPPED_FITS[0].read_text())["runs"]
+    configs = {label: load_config("gpu", o) for label, o in pv.CALIBRATION.items()}
+    for label, run in old.items():
+        assert configs[label] == load_config("gpu", [o for o in run["overrides"]
+                                                     if not o.startswith(("train.steps=", "run.log_every="))])
+    for name, overrides in TRAIN_E2E_CONFIGS.items():
+        assert configs[name] == load_config("gpu", overrides)
+    assert len(pv.CALIBRATION) == 16
+    held = {label: load_config("gpu", o) for label, o in pv.HELDOUT.items()}
+    assert len(held) >= 12 and not any(c == h for c in configs.values() for h in held.values())
+    for field in ("model.dim", "model.num_experts", "model.top_k", "model.ffn_dim", "train.seq_len",
+                  "train.global_batch", "model.n_layers", "model.vocab_size", "train.activation_checkpointing"):
+        section, key = field.split(".")
+        assert len({getattr(getattr(c, section), key) for c in held.values()}) >= 3, field
+    order = pv.selected("all")
+    assert [s for s, _, _ in order[:4]] == ["calibration", "heldout"] * 2 and len(order) == len(configs) + len(held)
+
+
+def test_calibration_configs_are_the_benchmarks():
+    assert {name: list(ov) for name, (_, ov) in bench("train_e2e").CONFIGS.items()} == TRAIN_E2E_CONFIGS
+
+
+@pytest.mark.parametrize("overrides", [["model.num_shared_experts=1", "model.num_dense_layers=1"], []])
+@pytest.mark.parametrize("sp", [False, True])
+def test_counts_by_layout_equal_each_layouts_table(overrides, sp):
+    cfg = load_config("tiny", ["model.num_experts=8", "model.n_kv_heads=4", *overrides])
+    model = meta_model(cfg.model)
+    by_layout = CountsByLayout(model, sp)
+    for ep, tp in [(1, 1), (2, 1), (1, 2), (4, 2), (8, 4), (2, 4)]:
+        assert by_layout(ep, tp) == param_counts(build_layout(model, 3, ep, tp, sp and tp > 1)), (ep, tp)
+        table = build_layout(model, 3, ep, tp, sp and tp > 1)
+        generic = by_layout.layout(3, ep, tp)
+        assert {n: generic.local_shape(n) for n in generic.params} == {n: table.local_shape(n) for n in table.params}
 
 
 def test_foreign_calibration_file(tmp_path: Path):

@@ -1,17 +1,22 @@
 """Step-time cost model of one training step on one rank, and its calibration.
 
-    t_step = t_gemm + t_attention + t_elementwise + t_optimizer + t_tp + t_ep + t_dp      (no overlap:
-             the code runs every collective blocking, docs/design.md §11)
+    t_step = t_gemm + t_attention + t_elementwise + t_head + t_optimizer + t_launch + t_tp + t_ep + t_dp
+             (no overlap: the code runs every collective blocking, docs/design.md §11)
 
-  t_gemm        matmul FLOPs / (peak * e_gemm * s(n)); s(n) = n / (n + N0) with n the smallest GEMM
-                dim (rows per local expert, F/tp, D), so small, fine-grained GEMMs run slower (N0 from
-                the two grouped-GEMM ceilings of ENV_NOTES: 724 TFLOP/s at n=4096, 527 at n=1408)
-  t_attention   causal attention FLOPs / (peak * e_attn)
-  t_elementwise c_elem * bytes of the activations the non-GEMM kernels touch / copy bandwidth
-                (norms, rotary, SwiGLU, permutation and combine: T*D per layer plus K*T*D per MoE layer,
-                T*V/tp at the head), so casts, gathers and scatters are priced by bytes
-  t_optimizer   c_opt * local parameters / copy bandwidth (fused AdamW over fp32 masters, gradient casts,
+  t_gemm        sum over GEMM classes of FLOPs / peak * (gemm_a + gemm_b * N0 / n): the inverse of a
+                shape-dependent efficiency e(n) = n / (gemm_a * n + gemm_b * N0), n the class's smallest GEMM
+                dim (rows per local expert, F/tp, D; tokens, D; tokens, V/tp, D), N0 = 1000. The fit keeps
+                gemm_a >= 1 and gemm_b >= 0, so no GEMM runs above the measured matmul peak.
+  t_attention   causal attention FLOPs / peak * c_attn (c_attn >= 1: flash attention below the matmul peak)
+  t_elementwise c_elem * bytes of the activations the non-GEMM kernels touch / copy bandwidth (norms,
+                rotary, SwiGLU, permutation and combine: T*D per layer plus K*T*D per MoE layer)
+  t_head        c_head * the fp32 logits' bytes (4*T*V/tp) / copy bandwidth: the logits' cast, the
+                cross-entropy's log-softmax and its backward; its own constant, since they move a different
+                number of bytes per byte than the layers' kernels
+  t_optimizer   c_opt * local parameters / copy bandwidth (the AdamW step over fp32 masters, gradient casts,
                 clipping, the copy back to bf16)
+  t_launch      c_layer * layers * 1 ms: per-layer fixed cost (kernel launches, host work) that no byte or
+                FLOP count sees
   t_tp          per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
                 embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
                 tp <= GPUs per node, else on the inter-node link
@@ -19,9 +24,9 @@
                 K*T*D bf16 * imbalance, (n-1)/n of it leaves the rank; plus the count exchange's latency
                 and host sync
   t_dp          fp32 gradient all-reduce: dense gradients over data x expert, expert gradients over data
-Activation checkpointing adds the recomputed forward: 1/3 of the MoE GEMMs ("moe") or of the blocks'
-GEMMs ("full") and their forward collectives. The four efficiency constants (e_gemm, e_attn, c_elem,
-c_opt) are fitted to the project's benchmark JSON (`fit`), by least squares on relative error.
+Activation checkpointing adds the recomputed forward: 1/3 of the MoE layers' GEMMs and elementwise bytes
+("moe") or of the blocks' ("full"), and their forward collectives. The model is linear in its seven
+constants, so `fit` is a (bounded) least-squares problem on relative error.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from pathlib import Path
 
 from moemesh.errors import UserError
 
-E_ATTN = 0.45  # SDPA flash forward+backward, fraction of the matmul peak (assumed; not separable in the benches)
-N0 = 1000.0  # GEMM size at which s(n) = 1/2; from 724 vs 527 TFLOP/s at n = 4096 vs 1408 (ENV_NOTES)
+N0 = 1000.0  # GEMM size scale of the efficiency curve
+N_MIN = 128  # smaller GEMM dims (the router's E columns) count as this: they are latency, not throughput
 LATENCY_S = {"intra": 15e-6, "inter": 30e-6}  # per collective call
 HOST_SYNC_S = 60e-6  # the EP count exchange's split sizes go to the host, once per MoE layer and pass
+TERMS = ("gemm", "attention", "elementwise", "head", "optimizer", "launch")
 
 
 @dataclass(frozen=True)
@@ -69,17 +75,25 @@ GPUS = {
 
 @dataclass(frozen=True)
 class Constants:
-    e_gemm: float  # fraction of peak at s(n) = 1
-    e_attn: float
+    gemm_a: float  # 1 / efficiency of large GEMMs (>= 1)
+    gemm_b: float  # how fast efficiency falls with the smallest GEMM dim (>= 0)
+    c_attn: float  # 1 / efficiency of flash attention (>= 1)
     c_elem: float  # effective bytes moved per activation byte by non-GEMM kernels
+    c_head: float  # effective bytes moved per fp32 logit byte (cast, log-softmax, cross-entropy, backward)
     c_opt: float  # effective bytes moved per local parameter by the optimizer step
+    c_layer: float  # ms per layer per step of fixed cost
     source: str = ""
 
+    def gemm_efficiency(self, n: float) -> float:
+        return n / (self.gemm_a * n + self.gemm_b * N0)
 
-# Fitted by `fit` to bench/results/train_e2e.json (1 x H200, bf16 parameters + fp32 masters); see
-# docs/planner.md. Regenerate with `moemesh plan ... --calibrate bench/results/train_e2e.json --json`.
-H200_CONSTANTS = Constants(e_gemm=1.480, e_attn=E_ATTN, c_elem=64.40, c_opt=79.98,
-                           source="fitted to bench/results/train_e2e.json (1 x H200)")
+
+# Fitted by `fit` to the 16 calibration configs as measured before the fused optimizer kernel
+# (bench/results/plan_validate.json: 13, bench/results/train_e2e.json: 3), 1 x H200; see docs/planner.md.
+# Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE] --json`.
+H200_CONSTANTS = Constants(gemm_a=1.287, gemm_b=0.4582, c_attn=2.509, c_elem=27.65, c_head=27.20, c_opt=54.31,
+                           c_layer=4.464,
+                           source="fitted to bench/results/plan_validate.json + train_e2e.json (1 x H200)")
 
 
 def _interp(table, size_mb: float) -> float:
@@ -98,8 +112,8 @@ def _interp(table, size_mb: float) -> float:
 
 @dataclass
 class Shape:
-    """What the cost model needs of a (config, layout): counts per rank, all from the config and the
-    placement table."""
+    """What the cost model needs of a (config, layout): counts per rank, from the config and the
+    placement table's counts (plan/memory.py:param_counts)."""
     tokens: int  # T: tokens per data x expert coordinate
     dim: int
     ffn_dim: int
@@ -109,9 +123,10 @@ class Shape:
     n_layers: int
     vocab: int
     seq_len: int
-    dense_matmul_params: int  # attention, dense/shared MLP, router, head: full size
+    attn_params: int  # wq, wk, wv, wo of one layer
+    dense_ffn_params: int  # one dense layer's SwiGLU
+    shared_params: int  # one MoE layer's shared experts
     local_params: int
-    expert_local_params: int
     dense_grad_elems: int  # local elements all-reduced over data x expert
     expert_grad_elems: int  # over data
 
@@ -130,27 +145,38 @@ class StepTime:
 
 
 def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, imbalance: float) -> dict[str, float]:
-    """The step's work in units the constants multiply: seconds at e = 1 for GEMMs and attention,
-    seconds at c = 1 for bytes. Linear in the constants, so `fit` is a least-squares problem."""
+    """The step's work in the units the constants multiply (seconds at constant 1), linear in them:
+    gemm (x gemm_a), gemm_small (x gemm_b), attention (x c_attn), elementwise (x c_elem), head (x c_head),
+    optimizer (x c_opt), launch (x c_layer)."""
     s = shape
     peak = gpu.peak_tflops * 1e12
     bw = gpu.copy_gbs * 1e9
     rho = imbalance if ep > 1 else 1.0
+    again = 1 / 3  # a recomputed forward: a third of forward + backward
+    moe_again = again if recompute in ("moe", "full") else 0.0
+    block_again = again if recompute == "full" else 0.0
     rows_per_expert = s.tokens * s.top_k * ep / s.num_experts * rho
-    n = min(rows_per_expert, s.ffn_dim / tp, s.dim)
-    expert_flops = 6 * s.tokens * s.top_k * 3 * s.dim * s.ffn_dim / tp * rho * s.num_moe
-    dense_flops = 6 * s.tokens * s.dense_matmul_params / tp
-    attn = 6 * s.tokens * s.seq_len * s.dim * s.n_layers / tp
-    head_share = s.vocab * s.dim / max(s.dense_matmul_params, 1)
-    extra = {"none": 0.0, "moe": expert_flops / 3,
-             "full": (expert_flops + dense_flops * (1 - head_share) + attn) / 3}[recompute]
-    n_dense = min(s.tokens, s.dim / tp * 4, s.dim)
-    gemm = (expert_flops + (extra if recompute == "moe" else 0)) / (peak * n / (n + N0))
-    gemm += (dense_flops + (extra if recompute == "full" else 0)) / (peak * n_dense / (n_dense + N0))
-    act_bytes = 2 * s.tokens * (s.dim * s.n_layers + s.top_k * s.dim * s.num_moe * rho) + 4 * s.tokens * s.vocab / tp
-    act_bytes *= {"none": 1.0, "moe": 1.15, "full": 1.33}[recompute]
-    return {"gemm": gemm, "attention": attn / peak * (1.33 if recompute == "full" else 1.0),
-            "elementwise": act_bytes / bw, "optimizer": s.local_params / bw}
+    n_dense = max(min(s.tokens, s.dim // tp, s.dim), N_MIN)
+    classes = [  # (training FLOPs, smallest dim): experts, attention projections + dense/shared MLPs, router, head
+        (6 * s.tokens * s.top_k * 3 * s.dim * s.ffn_dim / tp * rho * s.num_moe * (1 + moe_again),
+         max(min(rows_per_expert, s.ffn_dim / tp, s.dim), N_MIN)),
+        (6 * s.tokens * (s.attn_params * s.n_layers + s.dense_ffn_params * (s.n_layers - s.num_moe)) / tp
+         * (1 + block_again) + 6 * s.tokens * s.shared_params * s.num_moe / tp * (1 + moe_again), n_dense),
+        (6 * s.tokens * s.dim * s.num_experts * s.num_moe * (1 + moe_again), N_MIN),
+        (6 * s.tokens * s.vocab * s.dim / tp, max(min(s.tokens, s.vocab // tp, s.dim), N_MIN)),
+    ]
+    attn = 6 * s.tokens * s.seq_len * s.dim * s.n_layers / tp * (1 + block_again)
+    layer_bytes = 2 * s.tokens * s.dim * s.n_layers * (1 + block_again)
+    moe_bytes = 2 * s.tokens * s.top_k * s.dim * s.num_moe * rho * (1 + moe_again)
+    return {"gemm": sum(f for f, _ in classes) / peak, "gemm_small": sum(f * N0 / n for f, n in classes) / peak,
+            "attention": attn / peak, "elementwise": (layer_bytes + moe_bytes) / bw,
+            "head": 4 * s.tokens * s.vocab / tp / bw, "optimizer": s.local_params / bw, "launch": s.n_layers * 1e-3}
+
+
+def compute_terms(f: dict[str, float], c: Constants) -> dict[str, float]:
+    return {"gemm": f["gemm"] * c.gemm_a + f["gemm_small"] * c.gemm_b, "attention": f["attention"] * c.c_attn,
+            "elementwise": f["elementwise"] * c.c_elem, "head": f["head"] * c.c_head,
+            "optimizer": f["optimizer"] * c.c_opt, "launch": f["launch"] * c.c_layer}
 
 
 def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, gpus_per_node: int,
@@ -183,31 +209,25 @@ def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU
 
 def step_time(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int, imbalance: float,
               constants: Constants) -> StepTime:
-    f = features(shape, dp, ep, tp, recompute, gpu, imbalance)
-    terms = {"gemm": f["gemm"] / constants.e_gemm, "attention": f["attention"] / constants.e_attn,
-             "elementwise": f["elementwise"] * constants.c_elem, "optimizer": f["optimizer"] * constants.c_opt}
+    terms = compute_terms(features(shape, dp, ep, tp, recompute, gpu, imbalance), constants)
     terms.update(comm_terms(shape, dp, ep, tp, recompute, gpu, gpus_per_node, imbalance))
     return StepTime(terms)
 
 
-def shape_of(cfg, layout) -> Shape:
+def shape_of(cfg, layout, counts=None) -> Shape:
+    """`counts`: plan/memory.py:param_counts(layout), when the caller has it (the planner caches it)."""
+    from moemesh.plan.memory import param_counts
+
+    counts = counts or param_counts(layout)
     m, t = cfg.model, cfg.train
-    dense = local = expert_local = dense_grad = expert_grad = 0
-    for name, placement in layout.params.items():
-        numel = math.prod(layout.local_shape(name))
-        local += numel
-        if placement.expert:
-            expert_local += numel
-            expert_grad += numel
-        else:
-            dense_grad += numel
-            if len(placement.full_shape) >= 2 and not name.startswith("tok_embeddings"):
-                dense += math.prod(placement.full_shape)
+    head_dim = m.dim // m.n_heads
     return Shape(tokens=t.global_batch // (layout.dp * layout.ep) * t.seq_len, dim=m.dim, ffn_dim=m.ffn_dim,
                  top_k=m.top_k, num_experts=m.num_experts, num_moe=m.n_layers - m.num_dense_layers,
-                 n_layers=m.n_layers, vocab=m.vocab_size, seq_len=t.seq_len, dense_matmul_params=dense,
-                 local_params=local, expert_local_params=expert_local, dense_grad_elems=dense_grad,
-                 expert_grad_elems=expert_grad)
+                 n_layers=m.n_layers, vocab=m.vocab_size, seq_len=t.seq_len,
+                 attn_params=m.dim * (2 * m.n_heads + 2 * m.n_kv_heads) * head_dim,
+                 dense_ffn_params=3 * m.dim * m.dense_ffn_dim, shared_params=3 * m.dim * m.ffn_dim * m.num_shared_experts,
+                 local_params=counts.local, dense_grad_elems=counts.dense_grad,
+                 expert_grad_elems=counts.expert_local)
 
 
 # --- calibration ---------------------------------------------------------------------------------------
@@ -223,11 +243,24 @@ TRAIN_E2E_CONFIGS = {
                      "model.top_k=6", "model.n_heads=16", "model.n_kv_heads=4", "model.vocab_size=32000",
                      "model.max_seq_len=4096", "train.seq_len=4096", "train.global_batch=4"],
 }
+LOWER = {"gemm_a": 1.0, "gemm_b": 0.0, "c_attn": 1.0, "c_elem": 0.0, "c_head": 0.0, "c_opt": 0.0, "c_layer": 0.0}
+COLUMNS = {"gemm_a": "gemm", "gemm_b": "gemm_small", "c_attn": "attention", "c_elem": "elementwise",
+           "c_head": "head", "c_opt": "optimizer", "c_layer": "launch"}
 
 
-def calibration_runs(path: Path) -> list[tuple[str, list[str], float, dict | None]]:
-    """(label, overrides on the `gpu` preset, measured step seconds, profile shares or None) of every
-    usable run in a train_e2e.json or plan_validate.json; one-line UserError for anything else."""
+@dataclass
+class Run:
+    label: str
+    set: str  # "calibration" or "heldout"
+    overrides: list[str]  # on the `gpu` preset
+    step_s: float  # measured
+    memory_gib: float | None  # measured torch.cuda.max_memory_allocated
+
+
+def load_runs(path: Path) -> list[Run]:
+    """Every measured run of a bench/plan_validate.py or bench/train_e2e.py JSON; one-line UserError for
+    anything else. plan_validate.py's runs say their set; the older files' runs are all calibration (the
+    13 configs of the first plan_validate.json and train_e2e.py's three are the calibration list)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -235,68 +268,96 @@ def calibration_runs(path: Path) -> list[tuple[str, list[str], float, dict | Non
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"plan: --calibrate {path}: not a JSON file ({exc.__class__.__name__})") from None
     runs = data.get("runs") if isinstance(data, dict) else None
-    if not isinstance(runs, dict) or not data.get("gpu"):
+    if not isinstance(runs, dict) or "gpu" not in data:
         raise UserError(f"plan: --calibrate {path}: not a GPU benchmark of this project (expected the format of "
-                        f"bench/results/train_e2e.json or bench/plan_validate.py's output: a 'gpu' and 'runs')")
+                        f"bench/plan_validate.py's or bench/train_e2e.py's output: a 'gpu' and 'runs')")
     out = []
     for label, run in runs.items():
-        if not isinstance(run, dict) or not isinstance(run.get("tokens_per_s"), (int, float)):
+        if not isinstance(run, dict) or not isinstance(run.get("tokens_per_s"), (int, float)) or run["tokens_per_s"] <= 0:
             continue
         name, _, variant = label.partition("/")
-        if "overrides" in run:  # plan_validate.py records its configs
+        if "overrides" in run:
             overrides = list(run["overrides"])
         elif name in TRAIN_E2E_CONFIGS and variant == "after":
             overrides = list(TRAIN_E2E_CONFIGS[name])
         else:
             continue
-        profile = runs.get(f"{name}/profile") if variant == "after" else None
-        out.append((label, overrides, 0.0 if not run["tokens_per_s"] else 1.0 / run["tokens_per_s"],
-                    profile if isinstance(profile, dict) and "share" in profile else None))
+        memory = run.get("measured_memory_gib", run.get("peak_memory_gib"))
+        if memory is None and isinstance(run.get("measured"), dict):
+            memory = run["measured"].get("peak_memory_gib")
+        tokens = _tokens(overrides)
+        out.append(Run(label, run.get("set", "calibration"), overrides, tokens / run["tokens_per_s"], memory))
     if not out:
-        raise UserError(f"plan: --calibrate {path}: no run of the current code with tokens_per_s in it")
+        raise UserError(f"plan: --calibrate {path}: no measured run (tokens_per_s) in it")
     return out
 
 
-def fit(path: Path) -> Constants:
-    """Least squares on relative error: each run's step time (1/tokens_per_s x tokens per step), and
-    where a profile exists its GEMM, optimizer and elementwise shares of the kernel time."""
+def _tokens(overrides: list[str]) -> int:
+    from moemesh.config import load_config
+
+    cfg = load_config("gpu", overrides)
+    return cfg.train.global_batch * cfg.train.seq_len
+
+
+def run_features(overrides: list[str], gpu: GPU) -> dict[str, float]:
+    """features() of a single-GPU run of the `gpu` preset with these overrides (layout (1, 1, 1))."""
+    from moemesh.config import load_config
+    from moemesh.parallel.layout import build_layout
+    from moemesh.plan.memory import meta_model
+
+    cfg = load_config("gpu", overrides)
+    shape = shape_of(cfg, build_layout(meta_model(cfg.model), 1, 1, 1, False))
+    return features(shape, 1, 1, 1, cfg.train.activation_checkpointing, gpu, 1.0)
+
+
+def fit_runs(runs: list[Run], gpu: GPU, source: str = "") -> Constants:
+    """Least squares on relative error, bounded: gemm_a, c_attn >= 1, the rest >= 0."""
     import numpy as np
 
-    from moemesh.config import load_config
-    from moemesh.model.transformer import Transformer
-    from moemesh.parallel.layout import build_layout
+    if not runs:
+        raise UserError("plan: --calibrate: no calibration run in the file(s)")
+    names = list(COLUMNS)
+    feats = [run_features(r.overrides, gpu) for r in runs]
+    a = np.array([[f[COLUMNS[n]] for n in names] for f in feats])
+    t = np.array([r.step_s for r in runs])
+    lower = np.array([LOWER[n] for n in names])
+    a_rel = a / t[:, None]
+    x = lower + nnls(a_rel, 1.0 - a_rel @ lower)
+    return Constants(**{n: float(v) for n, v in zip(names, x)}, source=source)
 
-    import torch
 
-    rows, targets = [], []
-    gpu = GPUS["h200"]
-    for label, overrides, sec_per_token, profile in calibration_runs(path):
-        cfg = load_config("gpu", overrides)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        shape = shape_of(cfg, build_layout(model, 1, 1, 1, False))
-        f = features(shape, 1, 1, 1, cfg.train.activation_checkpointing, gpu, 1.0)
-        measured = sec_per_token * cfg.train.global_batch * cfg.train.seq_len
-        rows.append([f["gemm"], f["attention"], f["elementwise"], f["optimizer"]])
-        targets.append(measured)
-        if profile:  # shares of kernel time over its 2 profiled steps, scaled to this run's step time
-            share = profile["share"]
-            busy = measured * (1 - profile.get("idle_frac", 0.0))
-            rows.append([f["gemm"], f["attention"], 0, 0])
-            targets.append(busy * share.get("gemm", 0) + busy * share.get("attention", 0))
-            rows.append([0, 0, 0, f["optimizer"]])
-            targets.append(busy * share.get("optimizer", 0))
-            rows.append([0, 0, f["elementwise"], 0])
-            targets.append(busy * (share.get("copy/cast", 0) + share.get("elementwise/other", 0)))
-    # The benchmarks cannot separate attention from GEMMs (the profile files SDPA kernels under both),
-    # so attention keeps a fixed efficiency (E_ATTN) and the other three constants are fitted.
-    rows_, targets_ = np.array(rows), np.array(targets)
-    rest = targets_ - rows_[:, 1] / E_ATTN
-    a = rows_[:, [0, 2, 3]] / targets_[:, None]
-    x, *_ = np.linalg.lstsq(a, rest / targets_, rcond=None)
-    x = np.maximum(x, 1e-3)  # a negative coefficient would mean the data cannot tell the term apart
-    return Constants(e_gemm=float(1 / x[0]), e_attn=E_ATTN, c_elem=float(x[1]), c_opt=float(x[2]),
-                     source=f"fitted to {path}")
+def nnls(a, y):
+    """min |a x - y| subject to x >= 0 (Lawson-Hanson active set), on column-normalised a."""
+    import numpy as np
+
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    n = a.shape[1]
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(3 * n):
+        w = a.T @ (y - a @ x)
+        if passive.all() or (w[~passive] <= 1e-12).all():
+            break
+        passive[np.argmax(np.where(passive, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], y, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-12
+    return x / scale
+
+
+def fit(paths, gpu: GPU | None = None) -> Constants:
+    """The constants fitted to the calibration runs of one or more benchmark JSON files."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    runs = [r for p in paths for r in load_runs(p) if r.set == "calibration"]
+    return fit_runs(runs, gpu or GPUS["h200"], source="fitted to " + " + ".join(str(p) for p in paths))
 
 
 def constants_dict(c: Constants) -> dict:

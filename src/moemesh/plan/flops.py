@@ -22,13 +22,10 @@ class Flops:
 
 
 def flops_per_token(cfg: Config) -> Flops:
-    import torch
-
-    from moemesh.model.transformer import Transformer
+    from moemesh.plan.memory import meta_model
 
     m = cfg.model
-    with torch.device("meta"):
-        model = Transformer(m)
+    model = meta_model(m)
     total = active = 0
     for name, p in model.named_parameters():
         total += p.numel()

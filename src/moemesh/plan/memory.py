@@ -2,19 +2,27 @@
 allocated (the layout planner extends this module; the sharding itself is read from `parallel/layout.py`,
 never modelled a second time).
 
-Terms per rank: parameters, gradients and AdamW moments (fp32, local shards from the table); the full
-model that every rank builds on its device before slicing out its shards (`train.loop.build_model`);
-activations kept for backward by the real code path (below); and a fixed runtime overhead per process.
+Two numbers, kept apart because torch sees only one of them:
+  allocated  what `torch.cuda.max_memory_allocated` reports at the training peak: parameters, gradients,
+             AdamW moments (local shards from the placement table), the activations the real code path
+             saves for backward (`activation_bytes`, below), and the transients of backward;
+  overhead   the CUDA context and the allocator's slack, which `max_memory_allocated` cannot see: a fixed
+             term, added only where the estimate is checked against the GPU's capacity (`device`).
+The full model that every rank builds before slicing out its shards (`train.loop.build_model`) is a
+third, earlier peak (`full_model`).
 
-Activations of one micro-batch of T = global_batch / (dp*ep) * seq_len tokens, b bytes per element
-(2 under bf16 autocast, else 4), per layer: norms, q/k/v, attention output and the projections' inputs,
-about 10 * T * D elements (q/k/v/out split over TP); the MoE rows gathered and returned, K * T * D each,
-the experts' hidden activations 3 * K * T * F / tp, the fp32 combine buffer K * T * D and the fp32
-router logits/probabilities 2 * T * E; at the head, fp32 logits, softmax and gradient, 3 * T * V / tp.
-Activation checkpointing (`train.activation_checkpointing`, train/recompute.py) keeps only the input of
-each recomputed module (T * D) plus, during its backward, one module's activations again. With ep > 1
-the token all-to-all's send and receive rows of one layer (K * T * D each) are added; the planner passes
-an imbalance factor (max/mean rows an expert rank receives) that scales the expert rows.
+Activations (`activation_bytes`) are counted tensor by tensor from the code in model/ and
+train/recompute.py: for a micro-batch of T tokens, the bytes of every tensor autograd saves for backward
+(tests/unit/test_activation_memory.py compares them, per checkpointing mode, with the bytes that
+`torch.autograd.graph.saved_tensors_hooks` sees on CPU). b is the compute dtype's size (2 under bf16
+autocast), r the residual stream's (2 with bf16 parameters, else 4); norms, router, combine weights and
+the cross-entropy's log-softmax are fp32 whatever the autocast. With activation checkpointing
+(`train.activation_checkpointing`) a recomputed module keeps only its input, and during its backward its
+own activations live again (`recompute`). Backward frees saved tensors as it goes and makes gradients:
+its peak is at the head (everything saved plus the fp32 gradients of the log-softmax and of the logits,
+2 x 4 T V) or in the last layer (the head's activations gone, the layer recomputed, the gradients of the
+expert rows and slots and one hidden tensor in flight, b R (2 D + F)), whichever is larger; parameter gradients are counted whole only at the end of
+backward, when the activations are gone.
 """
 
 from __future__ import annotations
@@ -34,20 +42,26 @@ FP32 = 4
 @dataclass
 class MemoryEstimate:
     params: int  # bytes of this rank's parameter shards (bf16 parameters: bf16 copy + fp32 masters)
-    grads: int  # gradients alive with the activations during backward (bf16 parameters: bf16 gradients)
+    grads: int  # every local gradient, at the end of backward (bf16 parameters: bf16 gradients)
     optimizer: int
-    activations: int
+    activations: int  # peak of backward: saved activations, recompute, transients, the gradients made by then
     full_model: int  # the whole model, built once on each rank's host before it is sharded
-    overhead: int
+    overhead: int  # CUDA context and allocator slack: not in torch.cuda.max_memory_allocated
     a2a_buffers: int = 0  # expert all-to-all send/receive rows alive in a MoE layer (ep > 1)
     master_grads: int = 0  # bf16 parameters: the fp32 master gradients, alive from sync to the update
 
     @property
+    def allocated(self) -> int:
+        """Training peak as torch.cuda.max_memory_allocated sees it: early in backward (activations,
+        `Activations.peak`), the end of backward (every gradient) or the optimizer step (fp32 master
+        gradients), on top of parameters and AdamW moments."""
+        backward = self.activations + self.a2a_buffers
+        return self.params + self.optimizer + max(backward, self.grads, self.master_grads)
+
+    @property
     def device(self) -> int:
-        """Peak on the training device (host RAM on CPU): the end of the forward pass (every activation
-        kept, gradients arriving) or the optimizer step (fp32 master gradients), whichever is larger."""
-        backward = self.grads + self.activations + self.a2a_buffers
-        return self.params + self.optimizer + self.overhead + max(backward, self.master_grads)
+        """What the device must hold at the training peak: the allocated peak plus the runtime overhead."""
+        return self.allocated + self.overhead
 
     @property
     def device_peak(self) -> int:
@@ -55,57 +69,196 @@ class MemoryEstimate:
         return max(self.device, self.full_model + self.overhead)
 
 
-def estimate(cfg: Config, device_type: str) -> MemoryEstimate:
+def meta_model(model_cfg):
+    """The single-process model with its parameters on the meta device and no initialisation: shapes for
+    the placement table at no memory and no compute (torch's meta init kernels cost ~1 s on first use)."""
     import torch
+    from torch.overrides import TorchFunctionMode
 
     from moemesh.model.transformer import Transformer
+
+    skip = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.trunc_normal_,
+            torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    class ParamsOnMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in skip:
+                return args[0] if args else kwargs["tensor"]
+            if func is torch.empty:  # every nn.Parameter of the model is allocated by torch.empty
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    with ParamsOnMeta():
+        return Transformer(model_cfg)
+
+
+def estimate(cfg: Config, device_type: str) -> MemoryEstimate:
     from moemesh.parallel.layout import build_layout
 
     p = cfg.parallel
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    return estimate_layout(cfg, device_type, build_layout(model, p.dp, p.ep, p.tp, p.sequence_parallel))
+    return estimate_layout(cfg, device_type, build_layout(meta_model(cfg.model), p.dp, p.ep, p.tp, p.sequence_parallel))
 
 
-def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.0) -> MemoryEstimate:
+@dataclass(frozen=True)
+class ParamCounts:
+    """Element counts of a placement table that the estimates need (summed once per table)."""
+    local: int
+    full: int
+    expert_local: int
+    dense_grad: int  # local elements all-reduced over data x expert
+    dense_matmul: int  # full size of the 2-D dense weights but the embedding (attention, MLPs, router, head)
+
+
+def param_counts(layout) -> ParamCounts:
+    local = full = expert_local = dense_grad = dense = 0
+    for name, placement in layout.params.items():
+        numel = math.prod(layout.local_shape(name))
+        local += numel
+        full += math.prod(placement.full_shape)
+        if placement.expert:
+            expert_local += numel
+        else:
+            dense_grad += numel
+            if len(placement.full_shape) >= 2 and not name.startswith("tok_embeddings"):
+                dense += math.prod(placement.full_shape)
+    return ParamCounts(local, full, expert_local, dense_grad, dense)
+
+
+class CountsByLayout:
+    """`param_counts` for every (ep, tp) from one placement table, without a table per layout.
+
+    The table is built once at ep = tp = 2, where every shardable parameter lists the axes it is split
+    over (`build_layout` omits axes of size 1); at any valid layout a parameter's local size is then its
+    full size divided by the sizes of those axes (valid layouts divide every sharded dim exactly).
+    Parameters are grouped by (axes, expert, dense) so that a layout costs one pass over a few groups."""
+
+    def __init__(self, model, sequence_parallel: bool):
+        from moemesh.parallel.layout import build_layout
+
+        self.table = build_layout(model, 1, 2, 2, sequence_parallel)
+        groups: dict[tuple, int] = {}
+        for name, placement in self.table.params.items():
+            axes = tuple(sorted(axis for axis, _ in placement.shards))
+            dense = not placement.expert and len(placement.full_shape) >= 2 and not name.startswith("tok_embeddings")
+            key = (axes, placement.expert, dense)
+            groups[key] = groups.get(key, 0) + math.prod(placement.full_shape)
+        self.groups = groups
+
+    def __call__(self, ep: int, tp: int) -> ParamCounts:
+        size = {"expert": ep, "model": tp, "data": 1}
+        local = full = expert_local = dense_grad = dense = 0
+        for (axes, expert, is_dense), numel in self.groups.items():
+            here = numel // math.prod(size[a] for a in axes)
+            local += here
+            full += numel
+            if expert:
+                expert_local += here
+            else:
+                dense_grad += here
+                dense += numel if is_dense else 0
+        return ParamCounts(local, full, expert_local, dense_grad, dense)
+
+    def layout(self, dp: int, ep: int, tp: int):
+        """A Layout with this table's placements at (dp, ep, tp): local shapes as build_layout's."""
+        import dataclasses
+
+        return dataclasses.replace(self.table, dp=dp, ep=ep, tp=tp)
+
+
+@dataclass(frozen=True)
+class Activations:
+    saved: int  # bytes autograd holds at the end of the forward pass
+    head_saved: int  # of which the head's (final norm, head input, fp32 log-softmax), freed by its backward
+    recompute: int  # bytes a recomputed module's activations add during its backward (0 without checkpointing)
+    head_transient: int  # the head's backward: fp32 gradients of the log-softmax and of the logits
+    layer_transient: int  # a MoE layer's backward: gradients in flight (R x D twice, R x F)
+
+    @property
+    def peak(self) -> int:
+        """Backward's two candidate peaks: at the head (everything saved, the logits' gradients) or in
+        the last layer (the head's activations freed, the layer recomputed, its gradients in flight)."""
+        return max(self.saved + self.head_transient,
+                   self.saved - self.head_saved + self.recompute + self.layer_transient)
+
+
+def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, masters: bool = True,
+                     rows: float = 1.0, sequence_parallel: bool = False) -> Activations:
+    """The activations of one rank's micro-batch of `tokens` tokens, tensor by tensor as model/ saves them.
+
+    amp: bf16 autocast (b = 2, else 4); masters: bf16 parameters (the residual stream and the norms'
+    weight casts); rows: max/mean rows per expert rank (the expert rows of one rank, ep > 1)."""
+    m = cfg.model
+    T, D, E, K, S = tokens, m.dim, m.num_experts, m.top_k, cfg.train.seq_len
+    H, Dh = m.n_heads, m.head_dim
+    Gd = m.n_kv_heads * Dh
+    b, r = (2 if amp else 4), (2 if masters else 4)
+    R = int(T * K * rows)  # expert rows this rank runs
+    sp = tp if sequence_parallel else 1
+    # RMSNorm: x.float(), rsqrt, normalised x (fp32), and the weight's fp32 cast when it is bf16
+    norm = (8 * T * D + 4 * T) // sp + (4 * D if masters else 0)
+    # wq/wk/wv input; rotated q, k; v; SDPA output and log-sum-exp; wo input; the rotary tables' bf16 casts
+    attention = (b * T * D + (b * (3 * T * D + 2 * T * Gd) + 4 * T * H) // tp
+                 + (4 * S * Dh if amp and masters else 0))
+    shared = 4 * b * T * m.num_shared_experts * m.ffn_dim // tp  # SwiGLU: w1 out, silu out, w3 out, w2 input
+    dense_ffn = b * T * D + 4 * b * T * m.dense_ffn_dim // tp
+    # router: gate input, fp32 softmax, chosen ids (int64), the renormalising sum and the weights; routing
+    # statistics; dispatch order and row ids (int64), row weights, expert outputs (combine); experts: the
+    # gathered rows, 4 hidden tensors of R x F, the offsets
+    moe = (b * T * D + 4 * T * E + 12 * T * K + 4 * T + 4 * T * E + 4 * T + 4 * (2 * E + 3) + 8 * E + 4
+           + 16 * T * K + b * T * K + b * R * D + b * R * D + 4 * b * R * m.ffn_dim // tp + 4 * E + shared)
+    layer_attn = 2 * norm + attention
+    num_moe = m.n_layers - m.num_dense_layers
+    # tokens and targets (int64), final norm, head input, fp32 log-softmax of the logits, loss scalars
+    head = 16 * T + norm + b * T * D + 4 * T * m.vocab_size // tp + 4
+    mode = cfg.train.activation_checkpointing
+    if mode == "none":
+        saved = m.n_layers * layer_attn + num_moe * moe + m.num_dense_layers * dense_ffn + head
+        recompute = 0
+    elif mode == "moe":  # a MoE layer keeps its (normalised) input, b T D, and recomputes the rest
+        saved = m.n_layers * layer_attn + num_moe * b * T * D + m.num_dense_layers * dense_ffn + head
+        recompute = moe - b * T * D if num_moe else 0
+    else:  # "full": a block keeps its input (the residual stream) and recomputes everything else
+        saved = m.n_layers * r * T * D // sp + head
+        block = layer_attn + max(moe if num_moe else 0, dense_ffn if m.num_dense_layers else 0)
+        # the block's input is saved inside it only when x.float() returns it as is (fp32 residual)
+        recompute = block - (4 * T * D // sp if r == 4 else 0)
+    head_saved = norm + b * T * D + 4 * T * m.vocab_size // tp
+    # a MoE layer's backward: the gradients of the combined slots and of the expert rows (R x D each) and
+    # of one hidden tensor (R x F) in flight at once
+    layer_transient = b * R * (2 * D + m.ffn_dim // tp) if num_moe else b * T * (2 * D + m.dense_ffn_dim // tp)
+    return Activations(saved, head_saved, recompute, 8 * T * m.vocab_size // tp, layer_transient)
+
+
+def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.0,
+                    counts: ParamCounts | None = None) -> MemoryEstimate:
     """The estimate for `cfg` at the placement table `layout` (its dp/ep/tp win over cfg.parallel's).
 
     `imbalance` is max/mean of the rows an expert rank receives (the planner's margin for natural
-    routing); it scales the expert rows' activations and all-to-all buffers only."""
+    routing); it scales the expert rows' activations and all-to-all buffers only. `counts` is
+    `param_counts(layout)`, when the caller already has it."""
     m, t = cfg.model, cfg.train
-    local = sum(math.prod(layout.local_shape(name)) for name in layout.params)
-    full = sum(math.prod(pl.full_shape) for pl in layout.params.values())
+    counts = counts or param_counts(layout)
     amp = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
-    b = 2 if amp else 4
-    tokens = t.global_batch // (layout.dp * layout.ep) * t.seq_len
-    num_moe = m.n_layers - m.num_dense_layers
-    k, tp = m.top_k, layout.tp
-    rows = imbalance if layout.ep > 1 else 1.0  # with ep=1 a rank's rows are its own, whatever the routing
-    per_moe_rows = int(rows * b * tokens * (2 * k * m.dim + 3 * k * m.ffn_dim // tp))
-    per_moe = per_moe_rows + FP32 * tokens * (k * m.dim + 2 * m.num_experts)
-    per_moe += b * tokens * 3 * m.num_shared_experts * m.ffn_dim // tp
-    per_dense = b * tokens * 3 * m.dense_ffn_dim // tp
-    per_layer = b * tokens * 10 * m.dim
-    head = FP32 * tokens * 3 * m.vocab_size // tp
-    kept_input = b * tokens * m.dim  # what a recomputed module keeps: its input
-    mode = t.activation_checkpointing
-    if mode == "moe":  # MoE layers keep their input; one layer's activations live again during its backward
-        activations = (m.n_layers * per_layer + num_moe * kept_input + m.num_dense_layers * per_dense + head
-                       + (per_moe if num_moe else 0))
-    elif mode == "full":  # every block keeps its input; the block being back-propagated holds its own
-        activations = m.n_layers * kept_input + head + per_layer + max(per_moe if num_moe else 0,
-                                                                        per_dense if m.num_dense_layers else 0)
-    else:
-        activations = m.n_layers * per_layer + num_moe * per_moe + m.num_dense_layers * per_dense + head
-    # the token all-to-all's send and receive buffers of one MoE layer (the receive side skewed by routing)
-    a2a = int(b * tokens * k * m.dim * (1 + rows)) if layout.ep > 1 and num_moe else 0
     masters = t.param_dtype == "bfloat16" or (t.param_dtype == "auto" and amp and device_type == "cuda")
+    tokens = t.global_batch // (layout.dp * layout.ep) * t.seq_len
+    rows = imbalance if layout.ep > 1 else 1.0  # with ep=1 a rank's rows are its own, whatever the routing
+    sp = any(p.partial_over for p in layout.params.values())  # sequence parallel: norm weights are partial sums
+    act = activation_bytes(cfg, tokens, layout.tp, amp, masters, rows, sp)
+    num_moe = m.n_layers - m.num_dense_layers
+    # the token all-to-all's send and receive buffers of one MoE layer (the receive side skewed by routing)
+    b = 2 if amp else 4
+    a2a = int(b * tokens * m.top_k * m.dim * (1 + rows)) if layout.ep > 1 and num_moe else 0
     # bf16 parameters keep fp32 masters beside them (2 + 4 bytes each); backward makes bf16 gradients,
     # which become fp32 master gradients after it (train/master.py), when the activations are gone
+    local = counts.local
     per_param = 2 + FP32 if masters else FP32
-    return MemoryEstimate(params=per_param * local, grads=(2 if masters else FP32) * local, optimizer=2 * FP32 * local,
-                          activations=activations, full_model=FP32 * full, overhead=PROCESS_OVERHEAD[device_type],
-                          a2a_buffers=a2a, master_grads=FP32 * local if masters else 0)
+    grad_bytes = 2 if masters else FP32
+    head_grad = grad_bytes * m.vocab_size * m.dim // layout.tp  # the first gradient backward makes
+    return MemoryEstimate(params=per_param * local, grads=grad_bytes * local, optimizer=2 * FP32 * local,
+                          activations=act.peak + head_grad, full_model=FP32 * counts.full,
+                          overhead=int(PROCESS_OVERHEAD[device_type]), a2a_buffers=a2a,
+                          master_grads=FP32 * local if masters else 0)
 
 
 def host_memory_available() -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from moemesh.config import Config, _validate_layout, load_config
 from moemesh.errors import ConfigError, UserError
 from moemesh.plan.cost import GPU, GPUS, H200_CONSTANTS, Constants, fit, shape_of, step_time
-from moemesh.plan.memory import GIB, estimate_layout
+from moemesh.plan.memory import GIB, estimate_layout, meta_model
 
 HEADROOM = 0.95  # fraction of GPU memory a plan may use: allocator fragmentation, NCCL buffers
 IMBALANCE = 1.3  # max/mean rows per expert rank under natural routing (measured 1.28 per expert, Mixtral shape)
@@ -30,14 +30,20 @@ class Candidate:
     tp: int
     sequence_parallel: bool
     recompute: str
-    memory: int  # bytes per GPU, training peak
-    build: int  # bytes per GPU while the full model is built before sharding (design.md §11)
+    memory: int  # bytes per GPU at the training peak, as torch.cuda.max_memory_allocated counts them
+    build: int  # bytes per GPU while the full model is built before sharding (design.md §11), context included
+    overhead: int  # CUDA context and allocator slack, beside `memory`
     terms: dict[str, float]
     fits: bool
 
     @property
     def step_s(self) -> float:
         return sum(self.terms.values())
+
+    @property
+    def need(self) -> int:
+        """What the GPU must hold: the training peak plus the context, or the build, whichever is larger."""
+        return max(self.memory + self.overhead, self.build)
 
     @property
     def bottleneck(self) -> str:
@@ -67,27 +73,29 @@ def valid(cfg: Config, dp: int, ep: int, tp: int, sp: bool) -> bool:
 
 def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, constants: Constants,
                     imbalance: float = IMBALANCE, sharded_init: bool = False) -> list[Candidate]:
-    import torch
+    """Every valid layout x checkpointing mode, priced. The meta model and its placement table are built
+    once (plan/memory.py:CountsByLayout); each layout then costs arithmetic only."""
+    from moemesh.plan.memory import CountsByLayout
 
-    from moemesh.model.transformer import Transformer
-    from moemesh.parallel.layout import build_layout
-
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    model = meta_model(cfg.model)
+    by_sp: dict[bool, CountsByLayout] = {}
+    modes = {mode: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
+             for mode in ("none", "moe", "full")}
     out = []
     for dp, ep, tp in factorisations(gpus):
         for sp in ((False, True) if tp > 1 else (False,)):
             if not valid(cfg, dp, ep, tp, sp):
                 continue
-            layout = build_layout(model, dp, ep, tp, sp)
-            shape = shape_of(cfg, layout)
-            for mode in ("none", "moe", "full"):
-                c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
-                mem = estimate_layout(c, "cuda", layout, imbalance)
+            if sp not in by_sp:
+                by_sp[sp] = CountsByLayout(model, sp)
+            counts, layout = by_sp[sp](ep, tp), by_sp[sp].layout(dp, ep, tp)
+            shape = shape_of(cfg, layout, counts)
+            for mode, c in modes.items():
+                mem = estimate_layout(c, "cuda", layout, imbalance, counts)
                 t = step_time(shape, dp, ep, tp, mode, gpu, gpus_per_node, imbalance, constants)
                 build = 0 if sharded_init else mem.full_model + mem.overhead
                 need = max(mem.device, build)
-                out.append(Candidate(dp, ep, tp, sp, mode, mem.device, build, t.terms,
+                out.append(Candidate(dp, ep, tp, sp, mode, mem.allocated, build, mem.overhead, t.terms,
                                      need <= HEADROOM * gpu.memory_gib * GIB))
     return out
 
@@ -112,7 +120,7 @@ def explain(best: Candidate, ranked: list[Candidate]) -> str:
     return " ".join(why)
 
 
-def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, gpu_name: str, calibrate: str | None,
+def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, gpu_name: str, calibrate: list[str],
                  as_json: bool, top: int, imbalance: float, sharded_init: bool) -> int:
     started = time.perf_counter()
     if gpu_name not in GPUS:
@@ -123,7 +131,7 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
         raise UserError(f"plan: --imbalance={imbalance} must be >= 1 (max/mean expert-rank load)")
     cfg = load_config(config, list(overrides))
     gpu = GPUS[gpu_name]
-    constants = fit(Path(calibrate)) if calibrate else H200_CONSTANTS
+    constants = fit([Path(p) for p in calibrate]) if calibrate else H200_CONSTANTS
     cands = enumerate_plans(cfg, gpus, gpus_per_node, gpu, constants, imbalance, sharded_init)
     if not cands:
         raise UserError(f"plan: no (dp, ep, tp) with dp*ep*tp={gpus} satisfies the config's divisibility rules "
@@ -131,12 +139,12 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
                         f"train.global_batch={cfg.train.global_batch}, ...)")
     ranked = rank(cands)
     if not ranked:
-        smallest = min(cands, key=lambda c: max(c.memory, c.build))
-        need = max(smallest.memory, smallest.build)
+        smallest = min(cands, key=lambda c: c.need)
+        need = smallest.need
         raise UserError(f"plan: no layout fits {gpus} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {HEADROOM:.0%} usable): "
                         f"needs >= {need / HEADROOM / GIB:.1f} GiB per GPU; the smallest layout "
                         f"(dp={smallest.dp}, ep={smallest.ep}, tp={smallest.tp}, recompute={smallest.recompute}) "
-                        f"needs {need / GIB:.1f} GiB" + ("" if sharded_init or smallest.build <= smallest.memory else
+                        f"needs {need / GIB:.1f} GiB" + ("" if sharded_init or smallest.build <= smallest.memory + smallest.overhead else
                                                          " (the full model built on each GPU first; see --sharded-init)"))
     elapsed = time.perf_counter() - started
     tokens = cfg.train.global_batch * cfg.train.seq_len
@@ -148,7 +156,7 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
                           "plans": [{"dp": c.dp, "ep": c.ep, "tp": c.tp, "sequence_parallel": c.sequence_parallel,
                                      "activation_checkpointing": c.recompute, "step_s": c.step_s,
                                      "tokens_per_s": tokens / c.step_s, "memory_gib": c.memory / GIB,
-                                     "build_gib": c.build / GIB, "bottleneck": c.bottleneck, "terms_s": c.terms}
+                                     "device_gib": c.need / GIB, "build_gib": c.build / GIB, "bottleneck": c.bottleneck, "terms_s": c.terms}
                                     for c in ranked[:top]]}, indent=1))
         return 0
     print(f"moemesh plan: {gpus} x {gpu.name} ({gpus_per_node} per node), {len(cands)} candidates, "
@@ -157,6 +165,6 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
     print(head)
     for i, c in enumerate(ranked[:top], 1):
         print(f"{i:>3} {c.dp:>5} {c.ep:>4} {c.tp:>3} {'y' if c.sequence_parallel else '-':>3} {c.recompute:>9} "
-              f"{c.step_s * 1e3:>9.1f} {tokens / c.step_s / 1e6:>8.3f} {max(c.memory, c.build) / GIB:>8.1f}  {c.bottleneck}")
+              f"{c.step_s * 1e3:>9.1f} {tokens / c.step_s / 1e6:>8.3f} {c.need / GIB:>8.1f}  {c.bottleneck}")
     print(explain(ranked[0], ranked))
     return 0
