@@ -21,8 +21,8 @@ the cross-entropy's log-softmax are fp32 whatever the autocast. With activation 
 own activations live again (`recompute`). Backward frees saved tensors as it goes and makes gradients:
 its peak is at the head (everything saved plus the fp32 gradients of the log-softmax and of the logits,
 2 x 4 T V) or in the last layer (the head's activations gone, the layer recomputed, the gradients of the
-expert rows and slots and one hidden tensor in flight, b R (2 D + F)), whichever is larger; parameter gradients are counted whole only at the end of
-backward, when the activations are gone.
+expert rows and slots and one hidden tensor in flight, b R (2 D + F)), whichever is larger; parameter
+gradients are counted whole only at the end of backward, when the activations are gone.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, ma
     norm = (8 * T * D + 4 * T) // sp + (4 * D if masters else 0)
     # wq/wk/wv input; rotated q, k; v; SDPA output and log-sum-exp; wo input; the rotary tables' bf16 casts
     attention = (b * T * D + (b * (3 * T * D + 2 * T * Gd) + 4 * T * H) // tp
-                 + (4 * S * Dh if amp and masters else 0))
+                 + (4 * S * Dh if amp else 0))
     shared = 4 * b * T * m.num_shared_experts * m.ffn_dim // tp  # SwiGLU: w1 out, silu out, w3 out, w2 input
     dense_ffn = b * T * D + 4 * b * T * m.dense_ffn_dim // tp
     # router: gate input, fp32 softmax, chosen ids (int64), the renormalising sum and the weights; routing
