@@ -88,11 +88,12 @@ class Constants:
         return n / (self.gemm_a * n + self.gemm_b * N0)
 
 
-# Fitted by `fit` to the 16 calibration configs as measured before the fused optimizer kernel
-# (bench/results/plan_validate.json: 13, bench/results/train_e2e.json: 3), 1 x H200; see docs/planner.md.
+# Fitted by `fit` to the 16 calibration configs, 1 x H200: 13 measured by the previous code
+# (bench/results/plan_validate.json), 3 by the current one (bench/results/train_e2e.json's "after" runs:
+# one-pass master step, gather dispatch); see docs/planner.md.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE] --json`.
-H200_CONSTANTS = Constants(gemm_a=1.287, gemm_b=0.4582, c_attn=2.509, c_elem=27.65, c_head=27.20, c_opt=54.31,
-                           c_layer=4.464,
+H200_CONSTANTS = Constants(gemm_a=1.280, gemm_b=0.5415, c_attn=1.965, c_elem=28.95, c_head=21.38, c_opt=44.18,
+                           c_layer=4.627,
                            source="fitted to bench/results/plan_validate.json + train_e2e.json (1 x H200)")
 
 

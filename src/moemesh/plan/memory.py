@@ -48,7 +48,8 @@ class MemoryEstimate:
     full_model: int  # the whole model, built once on each rank's host before it is sharded
     overhead: int  # CUDA context and allocator slack: not in torch.cuda.max_memory_allocated
     a2a_buffers: int = 0  # expert all-to-all send/receive rows alive in a MoE layer (ep > 1)
-    master_grads: int = 0  # bf16 parameters: the fp32 master gradients, alive from sync to the update
+    master_grads: int = 0  # bf16 parameters: the fp32 master gradients, alive from sync to the update (not
+    # made by the one-pass master step on one GPU)
 
     @property
     def allocated(self) -> int:
@@ -203,10 +204,11 @@ def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, ma
     shared = 4 * b * T * m.num_shared_experts * m.ffn_dim // tp  # SwiGLU: w1 out, silu out, w3 out, w2 input
     dense_ffn = b * T * D + 4 * b * T * m.dense_ffn_dim // tp
     # router: gate input, fp32 softmax, chosen ids (int64), the renormalising sum and the weights; routing
-    # statistics; dispatch order and row ids (int64), row weights, expert outputs (combine); experts: the
-    # gathered rows, 4 hidden tensors of R x F, the offsets
+    # statistics; dispatch (int64: the order the row weights are gathered by, the gather's inverse
+    # permutation, the combine's row tokens), row weights, expert outputs (combine); experts: the gathered
+    # rows, 4 hidden tensors of R x F, the offsets
     moe = (b * T * D + 4 * T * E + 12 * T * K + 4 * T + 4 * T * E + 4 * T + 4 * (2 * E + 3) + 8 * E + 4
-           + 16 * T * K + b * T * K + b * R * D + b * R * D + 4 * b * R * m.ffn_dim // tp + 4 * E + shared)
+           + 24 * T * K + b * T * K + b * R * D + b * R * D + 4 * b * R * m.ffn_dim // tp + 4 * E + shared)
     layer_attn = 2 * norm + attention
     num_moe = m.n_layers - m.num_dense_layers
     # tokens and targets (int64), final norm, head input, fp32 log-softmax of the logits, loss scalars
@@ -250,7 +252,9 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     b = 2 if amp else 4
     a2a = int(b * tokens * m.top_k * m.dim * (1 + rows)) if layout.ep > 1 and num_moe else 0
     # bf16 parameters keep fp32 masters beside them (2 + 4 bytes each); backward makes bf16 gradients,
-    # which become fp32 master gradients after it (train/master.py), when the activations are gone
+    # which become fp32 master gradients after it (train/master.py), when the activations are gone, except
+    # on one GPU with the one-pass master step, which reads the bf16 gradients as they are (train/loop.py)
+    fused = masters and device_type == "cuda" and t.fused_master_step and layout.world_size == 1
     local = counts.local
     per_param = 2 + FP32 if masters else FP32
     grad_bytes = 2 if masters else FP32
@@ -258,7 +262,7 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     return MemoryEstimate(params=per_param * local, grads=grad_bytes * local, optimizer=2 * FP32 * local,
                           activations=act.peak + head_grad, full_model=FP32 * counts.full,
                           overhead=int(PROCESS_OVERHEAD[device_type]), a2a_buffers=a2a,
-                          master_grads=FP32 * local if masters else 0)
+                          master_grads=FP32 * local if masters and not fused else 0)
 
 
 def host_memory_available() -> int | None:
