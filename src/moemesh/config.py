@@ -58,6 +58,8 @@ class ParallelConfig:
     check_collectives: bool = False
     backend: str = "auto"  # "auto" (nccl on cuda, gloo on cpu) | "gloo" | "nccl"
     timeout_s: int = 300
+    overlap_grad_reduce: bool = True  # all-reduce gradients in buckets during backward (else all after it)
+    bucket_mb: float = 25.0  # size of one gradient bucket (fp32 MiB) with overlap_grad_reduce
 
     @property
     def world_size(self) -> int:
@@ -150,6 +152,7 @@ POSITIVE = (
     "model.vocab_size model.dim model.n_layers model.n_heads model.n_kv_heads model.max_seq_len "
     "model.num_experts model.top_k model.ffn_dim model.dense_ffn_dim model.rope_theta model.norm_eps "
     "model.init_std model.capacity_factor parallel.dp parallel.ep parallel.tp parallel.timeout_s "
+    "parallel.bucket_mb "
     "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints "
     "run.peak_tflops run.eval_batches"
 ).split()

@@ -219,7 +219,7 @@ class AxisComm:
         self.rank = dist.get_rank(group)
         self.ranks = dist.get_process_group_ranks(group)
 
-    def _issue(self, op: str, shape: tuple[int, ...], fn) -> None:
+    def _issue(self, op: str, shape: tuple[int, ...], fn) -> str:
         trace = self.trace
         trace.count += 1
         what = trace.describe(op, self.axis, shape, self.ranks)
@@ -228,6 +228,14 @@ class AxisComm:
                 _compare_fingerprints(trace, op, self.axis, shape, what)
         with trace.watching(what, self.ranks):
             fn()
+        return what
+
+    def _issue_async(self, op: str, shape: tuple[int, ...], fn) -> "Pending":
+        """Launch a collective (`fn` returns the backend's work object) and return at once; the wait is
+        watched like a blocking collective, under the same number and description."""
+        works = []
+        what = self._issue(op, shape, lambda: works.append(fn()))
+        return Pending(works[0], what, self.ranks, self.trace)
 
     # --- plain collectives (no autograd) ---
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -257,8 +265,30 @@ class AxisComm:
             out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group))
         return out
 
+    # --- launched now, waited on later (overlap with compute) ---
+    def all_reduce_async_(self, x: torch.Tensor) -> "Pending":
+        """Sum `x` (contiguous) in place over the group; `x` holds the result after `wait()`."""
+        assert x.is_contiguous()
+        return self._issue_async("all_reduce", tuple(x.shape),
+                                 lambda: dist.all_reduce(x, group=self.group, async_op=True))
+
     def local_slice(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.chunk(self.size, dim=dim)[self.rank].contiguous()
+
+
+class Pending:
+    """An issued collective that has not been waited on. On gloo `wait()` blocks the host until it is
+    done; on NCCL it makes the current stream wait for it. Either way the watchdog sees the wait."""
+
+    def __init__(self, work, what: str, group_ranks: list[int], trace: CollectiveTrace):
+        self.work, self.what, self.group_ranks, self.trace = work, what, group_ranks, trace
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        with self.trace.watching(self.what, self.group_ranks):
+            self.work.wait()
+        self.work = None
 
 
 def _compare_fingerprints(trace: CollectiveTrace, op: str, axis: str, shape: tuple[int, ...], what: str) -> None:
@@ -362,3 +392,4 @@ def reduce_scatter_along_dim(x, comm: AxisComm, dim: int):
 
 def all_to_all(x, comm: AxisComm, out_splits: list[int], in_splits: list[int]):
     return _AllToAll.apply(x, comm, out_splits, in_splits)
+

@@ -15,7 +15,8 @@ from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
 from moemesh.parallel.layout import Layout
-from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch, sync_gradients
+from moemesh.parallel.grad_buckets import GradSync
+from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
@@ -96,6 +97,9 @@ class Trainer:
         # a non-finite step on the device, and the host learns of it later, when it reads the metrics.
         self.on_device_checks = device.type == "cuda"
         self.optimizer = build_optimizer(self.params, cfg.train, fused=self.on_device_checks)
+        # Bucketed gradient all-reduce launched from backward hooks (parallel.overlap_grad_reduce).
+        self.grad_sync = GradSync(self.model, self.params, self.layout, mesh, cfg.parallel.overlap_grad_reduce,
+                                  cfg.parallel.bucket_mb)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
@@ -132,7 +136,7 @@ class Trainer:
         out.loss.backward()
         if self.masters is not None:
             self.masters.grads_to_masters()
-        sync_gradients(self.params, self.layout, self.mesh)
+        self.grad_sync.finish()
         # Fused AdamW applies the clipping factor inside its kernel (as `grad_scale`, the factor it divides
         # gradients by): one pass over the gradients less.
         grad_norm = clip_grad_norm(self.params, self.layout, cfg.train.grad_clip, self.mesh,
