@@ -40,9 +40,9 @@ class Case:
     reference: bool = True  # False: no single-process run (a case only compared with its twin, bit for bit)
 
 
-# Every overlap on (a case may turn one off): gradient buckets small enough that the tiny model has
-# ~10 of them, launched during backward.
-OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.bucket_mb=0.05"]
+# Every overlap on (a case may turn one off or change it): gradient buckets small enough that the tiny
+# model has ~10 of them, launched during backward; the expert all-to-all in two token chunks.
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.bucket_mb=0.05", "parallel.ep_overlap_chunks=2"]
 
 
 def _config(case: Case, layout: tuple[int, int, int]):
@@ -88,7 +88,8 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]
     sync = trainer.grad_sync
     overlap = {"overlap": sync.overlap, "buckets": len(sync.buckets) if sync.overlap else 0,
-               "launched_in_backward": sync.launched_in_backward}
+               "launched_in_backward": sync.launched_in_backward,
+               "all_to_all_in_flight": mesh.trace.max_in_flight if mesh is not None else None}
     return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip,
                            "grad_overlap": overlap}
 

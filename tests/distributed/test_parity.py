@@ -15,7 +15,7 @@ import json
 import pytest
 
 from moemesh.launch import launch_local
-from moemesh.parity import Case, run_cases
+from moemesh.parity import OVERLAP, Case, run_cases
 
 TOL = 1e-5
 # Also relative to how far each tensor moved in training (||p - p_ref|| / ||p_ref - p_init||): catches a
@@ -23,7 +23,7 @@ TOL = 1e-5
 UPDATE_TOL = 1e-3
 TP4 = ["model.n_kv_heads=4"]
 BF16 = ["train.param_dtype=bfloat16"]
-NO_OVERLAP = ["parallel.overlap_grad_reduce=false"]
+NO_OVERLAP = ["parallel.overlap_grad_reduce=false", "parallel.ep_overlap_chunks=1"]
 TWINS = [("dp2-bf16-masters", "dp2-bf16-masters-no-overlap")]  # (overlap on, the same run with it off)
 CASES = {
     2: [
@@ -31,7 +31,7 @@ CASES = {
         Case("ep2-capacity", (1, 2, 1), ["model.dispatch=capacity", "model.capacity_factor=1.0"]),
         Case("dp2-sigmoid-shared", (2, 1, 1), ["model.router=sigmoid", "model.num_shared_experts=1"]),
         Case("tp2-dropless-clipped", (1, 1, 2), ["train.grad_clip=0.1"]),
-        # Overlap off: gradients reduced after backward.
+        # Both overlaps off: the plain paths (one all-to-all per direction, gradients reduced after backward).
         Case("ep2-dropless-no-overlap", (1, 2, 1), NO_OVERLAP),
         Case("tp2-sp-recompute-full", (1, 1, 2),
              ["parallel.sequence_parallel=true", "train.activation_checkpointing=full"]),
@@ -43,13 +43,14 @@ CASES = {
     ],
     4: [
         Case("tp4-shared", (1, 1, 4), [*TP4, "model.num_shared_experts=2"]),
-        Case("ep4-64experts-top8", (1, 4, 1), ["model.num_experts=64", "model.top_k=8", "model.ffn_dim=32"]),
+        Case("ep4-64experts-top8-3chunks", (1, 4, 1),
+             ["model.num_experts=64", "model.top_k=8", "model.ffn_dim=32", "parallel.ep_overlap_chunks=3"]),
         Case("dp2-ep2-capacity-sigmoid-clipped", (2, 2, 1),
              ["model.dispatch=capacity", "model.capacity_factor=1.0", "model.router=sigmoid", "train.grad_clip=0.1"]),
         Case("dp2-tp2-sp", (2, 1, 2), ["parallel.sequence_parallel=true"]),
         Case("ep2-tp2-capacity-shared-sp", (1, 2, 2),
              ["model.dispatch=capacity", "model.capacity_factor=1.0", "model.num_shared_experts=1",
-              "parallel.sequence_parallel=true"]),
+              "parallel.sequence_parallel=true", "parallel.check_collectives=true"]),
         Case("ep2-tp2-recompute-moe-shared", (1, 2, 2),
              ["train.activation_checkpointing=moe", "model.num_shared_experts=1"]),
         Case("ep4-imbalance-dropless", (1, 4, 1), ["model.top_k=1"], steps=2, force_expert=3),
@@ -131,6 +132,20 @@ def test_gradient_buckets_are_reduced_during_backward(results, case):
         return
     assert overlap["buckets"] >= (2 if dp * ep > 1 else 1)
     assert overlap["launched_in_backward"] == overlap["buckets"], overlap
+
+
+def _chunks(case) -> int:
+    settings = dict(o.split("=", 1) for o in [*OVERLAP, *case.overrides])
+    return int(settings["parallel.ep_overlap_chunks"])
+
+
+@pytest.mark.parametrize("case", PARITY, ids=[c.name for c in PARITY])
+def test_expert_all_to_all_chunks_are_in_flight_together(results, case):
+    """With ep_overlap_chunks=C every chunk's all-to-all is launched before the experts run on the first
+    one, in forward and (the reverse all-to-alls of the gradients) in backward: C in flight at once."""
+    in_flight = results[case.name]["grad_overlap"]["all_to_all_in_flight"]
+    chunks = _chunks(case) if case.layout[1] > 1 and _chunks(case) > 1 else 0
+    assert in_flight == {"forward": chunks, "backward": chunks}
 
 
 @pytest.mark.parametrize("on, off", TWINS)
