@@ -34,7 +34,8 @@ FP32 = 4
 @dataclass
 class MemoryEstimate:
     params: int  # bytes of this rank's parameter shards (bf16 parameters: bf16 copy + fp32 masters)
-    grads: int  # gradients alive with the activations during backward (bf16 parameters: bf16 gradients)
+    grads: int  # gradients alive with the activations during backward (bf16 parameters: bf16 gradients,
+    # or the fp32 gradient buckets with parallel.overlap_grad_reduce)
     optimizer: int
     activations: int
     full_model: int  # the whole model, built once on each rank's host before it is sharded
@@ -101,9 +102,12 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     a2a = int(b * tokens * k * m.dim * (1 + rows)) if layout.ep > 1 and num_moe else 0
     masters = t.param_dtype == "bfloat16" or (t.param_dtype == "auto" and amp and device_type == "cuda")
     # bf16 parameters keep fp32 masters beside them (2 + 4 bytes each); backward makes bf16 gradients,
-    # which become fp32 master gradients after it (train/master.py), when the activations are gone
+    # which become fp32 master gradients after it (train/master.py), when the activations are gone. With
+    # overlap_grad_reduce the fp32 gradient buckets (parallel/grad_buckets.py) live through the whole step.
     per_param = 2 + FP32 if masters else FP32
-    return MemoryEstimate(params=per_param * local, grads=(2 if masters else FP32) * local, optimizer=2 * FP32 * local,
+    buckets = cfg.parallel.overlap_grad_reduce and layout.world_size > 1
+    grads = (2 if masters and not buckets else FP32) * local
+    return MemoryEstimate(params=per_param * local, grads=grads, optimizer=2 * FP32 * local,
                           activations=activations, full_model=FP32 * full, overhead=PROCESS_OVERHEAD[device_type],
                           a2a_buffers=a2a, master_grads=FP32 * local if masters else 0)
 
