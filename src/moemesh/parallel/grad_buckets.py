@@ -153,6 +153,9 @@ class GradSync:
         self.launched_in_backward = len(self.pending)
         # Buckets holding a parameter without a gradient this step (frozen, unused) go now, in order.
         for name in self.slots.keys() - self.arrived:
+            if self.model_params[name].grad is not None or self.targets[name].grad is not None:
+                raise RuntimeError(f"{name} has a gradient that its backward hook never saw (was the parameter "
+                                   f"replaced after the trainer was built?): it would not be reduced")
             self._slot(name).zero_()
         for index in range(len(self.pending), len(self.buckets)):
             self._launch(index)
