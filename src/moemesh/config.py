@@ -58,6 +58,9 @@ class ParallelConfig:
     check_collectives: bool = False
     backend: str = "auto"  # "auto" (nccl on cuda, gloo on cpu) | "gloo" | "nccl"
     timeout_s: int = 300
+    overlap_grad_reduce: bool = True  # all-reduce gradients in buckets during backward (else all after it)
+    bucket_mb: float = 25.0  # size of one gradient bucket (fp32 MiB) with overlap_grad_reduce
+    ep_overlap_chunks: int = 1  # split each rank's tokens into N chunks whose all-to-alls overlap expert compute
 
     @property
     def world_size(self) -> int:
@@ -152,6 +155,7 @@ POSITIVE = (
     "model.vocab_size model.dim model.n_layers model.n_heads model.n_kv_heads model.max_seq_len "
     "model.num_experts model.top_k model.ffn_dim model.dense_ffn_dim model.rope_theta model.norm_eps "
     "model.init_std model.capacity_factor parallel.dp parallel.ep parallel.tp parallel.timeout_s "
+    "parallel.bucket_mb parallel.ep_overlap_chunks "
     "train.steps train.global_batch train.seq_len train.lr data.branching run.log_every run.keep_checkpoints "
     "run.peak_tflops run.eval_batches"
 ).split()
@@ -359,6 +363,9 @@ def _validate_layout(cfg: Config) -> None:
          f"(pad it to {-(-m.vocab_size // p.tp) * p.tp}; extra ids are never produced by the data)"),
         (t.global_batch % shards == 0,
          f"train.global_batch={t.global_batch} is not divisible by parallel.dp*parallel.ep={shards}"),
+        (p.ep_overlap_chunks <= t.global_batch // shards * t.seq_len,
+         f"parallel.ep_overlap_chunks={p.ep_overlap_chunks} exceeds the tokens of one rank's micro-batch "
+         f"(train.global_batch/(parallel.dp*parallel.ep)*train.seq_len={t.global_batch // shards * t.seq_len})"),
         (not p.sequence_parallel or t.seq_len % p.tp == 0,
          f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence_parallel)"),
     ]

@@ -10,6 +10,7 @@ rank does) and compares per-step losses and the gathered full parameters. Result
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import traceback
@@ -36,13 +37,20 @@ class Case:
     force_expert: int | None = None  # route every token to this expert (imbalance case)
     skip_stats_on_rank: int | None = None  # planted collective-order bug (with check_collectives)
     repeat_reference: bool = False  # also run the reference twice: the run-to-run noise floor
+    reference: bool = True  # False: no single-process run (a case only compared with its twin, bit for bit)
+
+
+# Every overlap on (a case may turn one off or change it): gradient buckets small enough that the tiny
+# model has ~10 of them, launched during backward; the expert all-to-all in two token chunks.
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.bucket_mb=0.05", "parallel.ep_overlap_chunks=2"]
 
 
 def _config(case: Case, layout: tuple[int, int, int]):
     dp, ep, tp = layout
     # warmup_steps=1: full learning rate from step 1, so parameters move well beyond rounding noise
-    return load_config("tiny", ["train.warmup_steps=1", "train.lr=5e-4", *case.overrides, f"train.steps={case.steps}", f"parallel.dp={dp}",
-                                f"parallel.ep={ep}", f"parallel.tp={tp}", "run.progress=false"])
+    return load_config("tiny", ["train.warmup_steps=1", "train.lr=5e-4", *OVERLAP, *case.overrides,
+                                f"train.steps={case.steps}", f"parallel.dp={dp}", f"parallel.ep={ep}",
+                                f"parallel.tp={tp}", "run.progress=false"])
 
 
 def _force_routing(trainer: Trainer, expert: int) -> None:
@@ -78,7 +86,12 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     final = gather_full_state(trainer.model, trainer.layout, mesh)
     extra_roundtrip = _shard_roundtrip_ok(trainer, final, mesh)
     loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]
-    return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip}
+    sync = trainer.grad_sync
+    overlap = {"overlap": sync.overlap, "buckets": len(sync.buckets) if sync.overlap else 0,
+               "launched_in_backward": sync.launched_in_backward,
+               "all_to_all_in_flight": mesh.trace.max_in_flight if mesh is not None else None}
+    return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip,
+                           "grad_overlap": overlap}
 
 
 def _shard_roundtrip_ok(trainer: Trainer, full: dict, mesh: Mesh | None) -> bool:
@@ -88,6 +101,15 @@ def _shard_roundtrip_ok(trainer: Trainer, full: dict, mesh: Mesh | None) -> bool
     if mesh is None:
         return ok
     return bool(mesh.comm("world").all_reduce(torch.tensor([0 if ok else 1])).item() == 0)
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """Of every bit of a full state: equal digests mean bit-identical parameters."""
+    sha = hashlib.sha256()
+    for name in sorted(state):
+        sha.update(name.encode())
+        sha.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,6 +127,9 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
         return {**result, "mismatch": str(exc)}
     if rank != 0:
         return result
+    result = {**result, "losses": losses, "state_sha": _digest(state), "grad_overlap": extra["grad_overlap"]}
+    if not case.reference:
+        return result
     ref_losses, ref_state, ref_extra = _run(case, None, (1, 1, 1), device)
     loss_err = max(abs(a - b) / max(abs(b), 1e-30) for row, ref in zip(losses, ref_losses)
                    for a, b in zip(row, ref))
@@ -119,7 +144,7 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
     if case.repeat_reference:
         _, again, _ = _run(case, None, (1, 1, 1), device)
         result["reference_repeat_param_err"] = max(_rel(again[n].float(), ref_state[n].float()) for n in ref_state)
-    return {**result, "losses": losses, "ref_losses": ref_losses, "loss_rel_err": loss_err,
+    return {**result, "ref_losses": ref_losses, "loss_rel_err": loss_err,
             "param_rel_err": param_errs[worst], "worst_param": worst, "param_errs": param_errs,
             "update_rel_err": update_errs[worst_update], "worst_update_param": worst_update,
             "names_match": sorted(state) == sorted(ref_state), "shard_roundtrip": extra["roundtrip"],

@@ -30,3 +30,17 @@ def test_state_bytes_equal_real_shards(dp, ep, tp):
         assert est.params == est.grads == real
         assert est.optimizer == 2 * real  # AdamW: two fp32 moments per element
     assert est.full_model == sum(t.numel() * 4 for t in full.values())
+
+
+def test_overlapped_gradient_buckets_are_fp32_all_step():
+    """bf16 parameters: backward holds bf16 gradients, unless gradient buckets (fp32, alive the whole step)
+    take them in; one rank has no buckets."""
+    def est(*overrides):
+        return estimate(load_config("tiny", ["train.param_dtype=bfloat16", *overrides]), "cpu")
+    with_buckets, without = est("parallel.dp=2"), est("parallel.dp=2", "parallel.overlap_grad_reduce=false")
+    assert with_buckets.buckets and not without.buckets
+    assert with_buckets.grads == 2 * without.grads == without.master_grads  # fp32; the masters' are views
+    assert with_buckets.master_grads == 0
+    assert with_buckets.allocated == (with_buckets.params + with_buckets.optimizer + with_buckets.grads
+                                      + with_buckets.activations + with_buckets.a2a_buffers)
+    assert est().grads == without.grads and not est().buckets

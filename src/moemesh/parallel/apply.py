@@ -32,7 +32,7 @@ def parallelize(model: Transformer, mesh: Mesh | None, cfg: ParallelConfig) -> t
     if tp_comm is not None:
         apply_tensor_parallel(model, tp_comm, cfg.sequence_parallel)
     for moe in model.moe_layers():
-        moe.dispatcher = ExpertParallelDispatcher(ep_comm, tp_comm)
+        moe.dispatcher = ExpertParallelDispatcher(ep_comm, tp_comm, cfg.ep_overlap_chunks)
         if mesh.num_batch_shards > 1:
             data_expert = mesh.comm("data_expert")
             moe.stats_reducer = lambda stats, comm=data_expert: all_reduce_with_grad(stats, comm)

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +46,16 @@ class CollectiveTrace:
     layer: str = "-"
     count: int = 0
     waiting: tuple[float, str, list[int]] | None = None  # since (monotonic), description, group ranks
+    # Split all-to-alls (the chunked EP dispatch) in flight now, and the most at once, per pass.
+    in_flight: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    max_in_flight: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    def launched(self, phase: str) -> None:
+        self.in_flight[phase] += 1
+        self.max_in_flight[phase] = max(self.max_in_flight[phase], self.in_flight[phase])
+
+    def landed(self, phase: str) -> None:
+        self.in_flight[phase] -= 1
 
     def describe(self, op: str, axis: str, shape: tuple[int, ...], group_ranks: list[int]) -> str:
         return f"#{self.count} step {self.step} {self.layer}: {op} on {axis} group {group_ranks} shape {list(shape)}"
@@ -219,7 +229,7 @@ class AxisComm:
         self.rank = dist.get_rank(group)
         self.ranks = dist.get_process_group_ranks(group)
 
-    def _issue(self, op: str, shape: tuple[int, ...], fn) -> None:
+    def _issue(self, op: str, shape: tuple[int, ...], fn) -> str:
         trace = self.trace
         trace.count += 1
         what = trace.describe(op, self.axis, shape, self.ranks)
@@ -228,6 +238,14 @@ class AxisComm:
                 _compare_fingerprints(trace, op, self.axis, shape, what)
         with trace.watching(what, self.ranks):
             fn()
+        return what
+
+    def _issue_async(self, op: str, shape: tuple[int, ...], fn) -> "Pending":
+        """Launch a collective (`fn` returns the backend's work object) and return at once; the wait is
+        watched like a blocking collective, under the same number and description."""
+        works = []
+        what = self._issue(op, shape, lambda: works.append(fn()))
+        return Pending(works[0], what, self.ranks, self.trace)
 
     # --- plain collectives (no autograd) ---
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -257,8 +275,42 @@ class AxisComm:
             out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group))
         return out
 
+    # --- launched now, waited on later (overlap with compute) ---
+    def all_reduce_async_(self, x: torch.Tensor) -> "Pending":
+        """Sum `x` (contiguous) in place over the group; `x` holds the result after `wait()`."""
+        assert x.is_contiguous()
+        return self._issue_async("all_reduce", tuple(x.shape),
+                                 lambda: dist.all_reduce(x, group=self.group, async_op=True))
+
+    def all_to_all_async(self, x: torch.Tensor, out_splits: list[int],
+                         in_splits: list[int]) -> tuple[torch.Tensor, "Pending"]:
+        """`all_to_all`, returned before it completes: read the output only after `wait()`."""
+        x = x.contiguous()
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        pending = self._issue_async("all_to_all", tuple(x.shape[1:]), lambda: dist.all_to_all_single(
+            out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
+        pending.keep = x  # the send buffer must outlive the collective
+        return out, pending
+
     def local_slice(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.chunk(self.size, dim=dim)[self.rank].contiguous()
+
+
+class Pending:
+    """An issued collective that has not been waited on. On gloo `wait()` blocks the host until it is
+    done; on NCCL it makes the current stream wait for it. Either way the watchdog sees the wait."""
+
+    def __init__(self, work, what: str, group_ranks: list[int], trace: CollectiveTrace):
+        self.work, self.what, self.group_ranks, self.trace = work, what, group_ranks, trace
+        self.keep: torch.Tensor | None = None
+        self.result: torch.Tensor | None = None  # the output buffer, for whoever waits
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        with self.trace.watching(self.what, self.group_ranks):
+            self.work.wait()
+        self.work, self.keep = None, None
 
 
 def _compare_fingerprints(trace: CollectiveTrace, op: str, axis: str, shape: tuple[int, ...], what: str) -> None:
@@ -362,3 +414,66 @@ def reduce_scatter_along_dim(x, comm: AxisComm, dim: int):
 
 def all_to_all(x, comm: AxisComm, out_splits: list[int], in_splits: list[int]):
     return _AllToAll.apply(x, comm, out_splits, in_splits)
+
+
+# --- an all-to-all in two halves (launch, wait), so that compute can run in between, forward and backward ---
+
+class InFlight:
+    """Links the two halves of one split all-to-all: the launch's pending collective (forward) and the
+    reverse all-to-all of the gradient (backward)."""
+
+    def __init__(self):
+        self.forward: Pending | None = None
+        self.backward: Pending | None = None
+
+
+class _LaunchAllToAll(torch.autograd.Function):
+    """Forward: launch the all-to-all and return its output buffer, to be read only after `_WaitAllToAll`.
+    Backward: wait for the gradient's reverse all-to-all, which `_WaitAllToAll.backward` launched, and
+    return its result (the incoming gradient is the one that all-to-all is sending)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, out_splits, in_splits, flight):
+        out, flight.forward = comm.all_to_all_async(x, out_splits, in_splits)
+        comm.trace.launched("forward")
+        ctx.flight, ctx.trace = flight, comm.trace
+        return out
+
+    @staticmethod
+    def backward(ctx, _):
+        pending, ctx.flight.backward = ctx.flight.backward, None
+        pending.wait()
+        ctx.trace.landed("backward")
+        return pending.result, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Forward: wait for the launched all-to-all. Backward: launch the gradient's reverse all-to-all,
+    which `_LaunchAllToAll.backward` waits for (through the flight; the gradient passes on unchanged).
+    Autograd runs the later-created of two ready nodes first, so in backward the launches of a pipeline's
+    chunks come before their waits, as in forward."""
+
+    @staticmethod
+    def forward(ctx, out, comm, out_splits, in_splits, flight):
+        flight.forward.wait()
+        flight.forward = None
+        comm.trace.landed("forward")
+        ctx.comm, ctx.out_splits, ctx.in_splits, ctx.flight = comm, out_splits, in_splits, flight
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        result, ctx.flight.backward = ctx.comm.all_to_all_async(grad, ctx.in_splits, ctx.out_splits)
+        ctx.flight.backward.result = result
+        ctx.comm.trace.launched("backward")
+        return grad, None, None, None, None
+
+
+def launch_all_to_all(x, comm: AxisComm, out_splits: list[int], in_splits: list[int]):
+    """(output buffer, flight): pass both to `wait_all_to_all` before reading the output."""
+    flight = InFlight()
+    return _LaunchAllToAll.apply(x, comm, out_splits, in_splits, flight), flight
+
+
+def wait_all_to_all(out, flight: InFlight, comm: AxisComm, out_splits: list[int], in_splits: list[int]):
+    return _WaitAllToAll.apply(out, comm, out_splits, in_splits, flight)

@@ -42,14 +42,16 @@ FP32 = 4
 @dataclass
 class MemoryEstimate:
     params: int  # bytes of this rank's parameter shards (bf16 parameters: bf16 copy + fp32 masters)
-    grads: int  # every local gradient, at the end of backward (bf16 parameters: bf16 gradients)
+    grads: int  # every local gradient, at the end of backward (bf16 parameters: bf16 gradients; with
+    # parallel.overlap_grad_reduce on a mesh: the fp32 gradient buckets)
     optimizer: int
     activations: int  # peak of backward: saved activations, recompute, transients, the gradients made by then
     full_model: int  # the whole model, built once on each rank's host before it is sharded
     overhead: int  # CUDA context and allocator slack: not in torch.cuda.max_memory_allocated
     a2a_buffers: int = 0  # expert all-to-all send/receive rows alive in a MoE layer (ep > 1)
     master_grads: int = 0  # bf16 parameters: the fp32 master gradients, alive from sync to the update (not
-    # made by the one-pass master step on one GPU)
+    # made by the one-pass master step on one GPU; views into the buckets when there are buckets)
+    buckets: bool = False  # the gradients live in fp32 buckets for the whole step (parallel/grad_buckets.py)
 
     @property
     def allocated(self) -> int:
@@ -57,6 +59,8 @@ class MemoryEstimate:
         `Activations.peak`), the end of backward (every gradient) or the optimizer step (fp32 master
         gradients), on top of parameters and AdamW moments."""
         backward = self.activations + self.a2a_buffers
+        if self.buckets:  # allocated before backward and kept: they add to every phase
+            return self.params + self.optimizer + self.grads + backward
         return self.params + self.optimizer + max(backward, self.grads, self.master_grads)
 
     @property
@@ -253,16 +257,19 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     a2a = int(b * tokens * m.top_k * m.dim * (1 + rows)) if layout.ep > 1 and num_moe else 0
     # bf16 parameters keep fp32 masters beside them (2 + 4 bytes each); backward makes bf16 gradients,
     # which become fp32 master gradients after it (train/master.py), when the activations are gone, except
-    # on one GPU with the one-pass master step, which reads the bf16 gradients as they are (train/loop.py)
+    # on one GPU with the one-pass master step, which reads the bf16 gradients as they are (train/loop.py).
+    # With overlap_grad_reduce on a mesh, fp32 gradient buckets (parallel/grad_buckets.py) take each
+    # gradient as backward makes it and live through the whole step; the masters' gradients are views.
     fused = masters and device_type == "cuda" and t.fused_master_step and layout.world_size == 1
+    buckets = cfg.parallel.overlap_grad_reduce and layout.world_size > 1
     local = counts.local
     per_param = 2 + FP32 if masters else FP32
-    grad_bytes = 2 if masters else FP32
-    head_grad = grad_bytes * m.vocab_size * m.dim // layout.tp  # the first gradient backward makes
+    grad_bytes = FP32 if buckets or not masters else 2
+    head_grad = 0 if buckets else grad_bytes * m.vocab_size * m.dim // layout.tp  # backward's first gradient
     return MemoryEstimate(params=per_param * local, grads=grad_bytes * local, optimizer=2 * FP32 * local,
                           activations=act.peak + head_grad, full_model=FP32 * counts.full,
                           overhead=int(PROCESS_OVERHEAD[device_type]), a2a_buffers=a2a,
-                          master_grads=FP32 * local if masters and not fused else 0)
+                          master_grads=FP32 * local if masters and not fused and not buckets else 0, buckets=buckets)
 
 
 def host_memory_available() -> int | None:

@@ -15,7 +15,8 @@ from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.apply import parallelize
 from moemesh.parallel.layout import Layout
-from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch, sync_gradients
+from moemesh.parallel.grad_buckets import GradSync
+from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch
 from moemesh.parallel.mesh import Mesh
 from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
@@ -111,6 +112,9 @@ class Trainer:
                              and fused_adamw.available(device))
         self.grads_on_masters = self.masters is not None and (not self.fused_master or mesh is not None)
         self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params
+        # Bucketed gradient all-reduce launched from backward hooks (parallel.overlap_grad_reduce).
+        self.grad_sync = GradSync(self.model, self.grad_holder, self.layout, mesh,
+                                  cfg.parallel.overlap_grad_reduce, cfg.parallel.bucket_mb)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
@@ -147,7 +151,7 @@ class Trainer:
         out.loss.backward()
         if self.grads_on_masters:
             self.masters.grads_to_masters()
-        sync_gradients(self.grad_holder, self.layout, self.mesh)
+        self.grad_sync.finish()
         # Fused AdamW applies the clipping factor inside its kernel (as `grad_scale`, the factor it divides
         # gradients by): one pass over the gradients less.
         grad_norm = clip_grad_norm(self.grad_holder, self.layout, cfg.train.grad_clip, self.mesh,
