@@ -8,7 +8,7 @@ import torch
 from moemesh.model.grouped import grouped_mm, grouped_mm_loop, grouped_mm_supported
 from moemesh.model.layers import SwiGLU
 from moemesh.model.moe import (MoE, Router, RoutingStats, balance_losses, capacity_per_group, combine, count_ids, gather_tokens,
-                               permute)
+                               permute, permute_rows)
 
 LOGITS = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]]
 
@@ -239,7 +239,7 @@ def test_dropless_gather_and_combine_equal_indexing_forward_and_backward(dtype):
     for use_perm_path in (True, False):
         xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         if use_perm_path:
-            rows = gather_tokens(xi, perm, K)
+            rows = gather_tokens(xi, perm.order_R, K)
             out = combine(rows @ mix, perm.order_R, wi)
         else:
             rows, _ = _indexing_reference(xi, xi[:1], perm.order_R, wi)
@@ -257,4 +257,18 @@ def test_gather_tokens_with_drops_indexes():
     experts_TK = torch.tensor([[1, 0], [1, 2], [1, 0], [1, 2]])
     perm = permute(experts_TK, 4, capacity=2)
     x = torch.arange(8.0).view(4, 2).requires_grad_()
-    assert torch.equal(gather_tokens(x, perm, 2), x[perm.order_R // 2])
+    assert torch.equal(gather_tokens(x, perm.order_R, 2), x[perm.order_R // 2])
+
+
+def test_permute_rows_is_indexing_forward_and_backward():
+    torch.manual_seed(0)
+    order = torch.randperm(9)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(9)
+    x = torch.randn(9, 4, requires_grad=True)
+    probe = torch.randn(9, 4)
+    (permute_rows(x, order, inverse) * probe).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    (x[order] * probe).sum().backward()
+    assert torch.equal(permute_rows(x, order, inverse), x[order]) and torch.equal(got, x.grad)

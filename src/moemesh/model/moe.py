@@ -145,13 +145,35 @@ class _GatherTokens(torch.autograd.Function):
         return g_AD.view(-1, ctx.top_k, g_AD.shape[-1]).sum(dim=1), None, None, None
 
 
-def gather_tokens(x_TD: torch.Tensor, perm: Permutation, top_k: int) -> torch.Tensor:
-    """Stage 2: the input row of every kept assignment, in the permutation's order."""
-    token_R = perm.order_R // top_k
-    inverse_A = inverse_rows(perm.order_R, x_TD.shape[0] * top_k)
+def gather_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Stage 2: the input row of every kept assignment (flat index token * K + choice), in that order."""
+    token_R = order_R // top_k
+    inverse_A = inverse_rows(order_R, x_TD.shape[0] * top_k)
     if inverse_A is None or not x_TD.requires_grad:
         return x_TD[token_R]
     return _GatherTokens.apply(x_TD, token_R, inverse_A, top_k)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[order] for a permutation whose inverse is at hand: the backward is the gather g[inverse], where
+    indexing's backward would be a sort-based accumulate."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[order], `order` a permutation of x's rows and `inverse` its inverse."""
+    if not x.requires_grad:
+        return x.index_select(0, order)
+    return _PermuteRows.apply(x, order, inverse)
 
 
 class _SumChoices(torch.autograd.Function):
@@ -227,7 +249,7 @@ class LocalDispatcher:
 
     def __call__(self, x_TD, weights_TK, perm, experts):
         top_k = weights_TK.shape[1]
-        y_RD = experts(gather_tokens(x_TD, perm, top_k), perm.counts_E)
+        y_RD = experts(gather_tokens(x_TD, perm.order_R, top_k), perm.counts_E)
         return combine(y_RD, perm.order_R, weights_TK)
 
 

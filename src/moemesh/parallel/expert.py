@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.model.moe import GroupedExperts, Permutation, combine, count_ids, gather_tokens, to_compute_dtype
+from moemesh.model.moe import (GroupedExperts, Permutation, combine, count_ids, gather_tokens, permute_rows,
+                               to_compute_dtype)
 from moemesh.parallel.comm import AxisComm, all_to_all, copy_to_group, launch_all_to_all, wait_all_to_all
 
 
@@ -63,7 +64,7 @@ class ExpertParallelDispatcher:
             weights_TK = copy_to_group(weights_TK, self.model_comm)
         if self.expert_comm is not None and self.num_chunks > 1:
             return self._run_chunked(x_TD, weights_TK, perm, experts)
-        x_RD = to_compute_dtype(gather_tokens(x_TD, perm, top_k))  # bf16 rows on the wire under autocast
+        x_RD = to_compute_dtype(gather_tokens(x_TD, perm.order_R, top_k))  # bf16 rows on the wire under autocast
         if self.expert_comm is None:
             y_RD = experts(x_RD, perm.counts_E)
         else:
@@ -82,9 +83,10 @@ class ExpertParallelDispatcher:
         recv_QD = all_to_all(x_RD, comm, recv_splits, send_splits)
         # 3. Regroup by local expert and run the local experts (one grouped GEMM per projection).
         order_Q = regroup_order(recv_counts_SL)
-        y_QD = experts(recv_QD[order_Q], recv_counts_SL.sum(dim=0))
+        inverse_Q = inverse_order(order_Q)
+        y_QD = experts(permute_rows(recv_QD, order_Q, inverse_Q), recv_counts_SL.sum(dim=0))
         # 4. Undo the regroup and send results back to the ranks the rows came from.
-        return all_to_all(y_QD[inverse_order(order_Q)], comm, send_splits, recv_splits)
+        return all_to_all(permute_rows(y_QD, inverse_Q, order_Q), comm, send_splits, recv_splits)
 
     def _run_chunked(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation,
                      experts: GroupedExperts) -> torch.Tensor:
@@ -102,7 +104,7 @@ class ExpertParallelDispatcher:
                            recv_counts_SCL.sum(dim=2).t().reshape(-1)]).tolist()
         send_splits = [sizes[c * ep:(c + 1) * ep] for c in range(num_chunks)]
         recv_splits = [sizes[(num_chunks + c) * ep:(num_chunks + c + 1) * ep] for c in range(num_chunks)]
-        x_RD = to_compute_dtype(x_TD[order_R // top_k])
+        x_RD = to_compute_dtype(gather_tokens(x_TD, order_R, top_k))
         # 2. Launch every chunk's rows towards their experts.
         flights = [launch_all_to_all(x_rows, comm, recv_splits[c], send_splits[c])
                    for c, x_rows in enumerate(x_RD.split([sum(splits) for splits in send_splits]))]
@@ -113,8 +115,10 @@ class ExpertParallelDispatcher:
             recv_QD = wait_all_to_all(buffer, flight, comm, recv_splits[c], send_splits[c])
             counts_SL = recv_counts_SCL[:, c]
             order_Q = regroup_order(counts_SL)
-            y_QD = experts(recv_QD[order_Q], counts_SL.sum(dim=0))
-            returns.append((*launch_all_to_all(y_QD[inverse_order(order_Q)], comm, send_splits[c], recv_splits[c]), c))
+            inverse_Q = inverse_order(order_Q)
+            y_QD = experts(permute_rows(recv_QD, order_Q, inverse_Q), counts_SL.sum(dim=0))
+            returns.append((*launch_all_to_all(permute_rows(y_QD, inverse_Q, order_Q), comm, send_splits[c],
+                                               recv_splits[c]), c))
         # 4. Wait for the results of every chunk, then combine in the (chunk, expert) row order.
         y_RD = torch.cat([wait_all_to_all(buffer, flight, comm, send_splits[c], recv_splits[c])
                           for buffer, flight, c in returns])
