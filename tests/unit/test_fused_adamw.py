@@ -56,10 +56,10 @@ def test_kernel_equals_fallback_equals_torch_adamw(monkeypatch, grad_dtype):
     kernel_m, kernel_p, kernel_opt = _run(fused_adamw.step, 0, grad_dtype)
     ref_m, ref_p, ref_opt = _run(fused_adamw.step_reference, 0, grad_dtype)
     torch_m, torch_opt = _torch_adamw(0, grad_dtype)
-    for a, b, c, pa, pb in zip(kernel_m, ref_m, torch_m, kernel_p, ref_p):
+    for a, b, c, pa, pb, start in zip(kernel_m, ref_m, torch_m, kernel_p, ref_p, _setup(0, grad_dtype)[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # same formula, fp32 rounding order differs
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
-        assert not torch.equal(a, _setup(0, grad_dtype)[0][0]) or a.numel() == 1  # it moved
+        assert not torch.equal(a, start)  # it moved
         assert torch.equal(pa, a.to(torch.bfloat16))  # the bf16 parameter is its master, rounded
         assert torch.equal(pb, b.to(torch.bfloat16))
     for m_k, m_t in zip(kernel_m, torch_m):
@@ -72,9 +72,10 @@ def test_kernel_equals_fallback_equals_torch_adamw(monkeypatch, grad_dtype):
 def test_skipped_step_leaves_everything(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     masters, params, opt, gen = _setup(1, torch.bfloat16)
-    before = [m.clone() for m in masters]
+    before, params_before = [m.clone() for m in masters], [p.clone() for p in params]
     grads = {m: torch.full_like(m, float("nan")) for m in masters}
     fused_adamw.step(opt, dict(zip(masters, params)), grads, torch.tensor(1.0), None)
     assert all(torch.equal(a, b) for a, b in zip(masters, before))
+    assert all(torch.equal(a, b) for a, b in zip(params, params_before))
     assert all(float(opt.state[m]["step"]) == 0 for m in masters)
     assert all(not opt.state[m]["exp_avg"].any() for m in masters)

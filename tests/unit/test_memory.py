@@ -10,7 +10,7 @@ from moemesh.config import load_config
 from moemesh.model.transformer import Transformer
 from moemesh.parallel.layout import build_layout
 from moemesh.parallel.mesh import Coordinates
-from moemesh.plan.memory import estimate
+from moemesh.plan.memory import estimate, meta_model, param_counts
 
 LAYOUTS = [(1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 4), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2),
            (4, 1, 2)]
@@ -38,9 +38,16 @@ def test_overlapped_gradient_buckets_are_fp32_all_step():
     def est(*overrides):
         return estimate(load_config("tiny", ["train.param_dtype=bfloat16", *overrides]), "cpu")
     with_buckets, without = est("parallel.dp=2"), est("parallel.dp=2", "parallel.overlap_grad_reduce=false")
-    assert with_buckets.buckets and not without.buckets
+    assert with_buckets.buckets == with_buckets.grads and not without.buckets  # dp=2: every gradient
     assert with_buckets.grads == 2 * without.grads == without.master_grads  # fp32; the masters' are views
     assert with_buckets.master_grads == 0
     assert with_buckets.allocated == (with_buckets.params + with_buckets.optimizer + with_buckets.grads
                                       + with_buckets.activations + with_buckets.a2a_buffers)
     assert est().grads == without.grads and not est().buckets
+    # Only gradients that need a collective are bucketed: at ep=2 (dp=1) the dense ones, not the experts'
+    # (they are only scaled); tensor parallelism without sequence parallelism reduces none.
+    ep2 = est("parallel.ep=2")
+    counts = param_counts(build_layout(meta_model(load_config("tiny").model), 1, 2, 1, False))
+    assert ep2.buckets == 4 * counts.dense_grad and ep2.master_grads == 4 * counts.expert_local
+    assert ep2.grads == 4 * counts.dense_grad + 2 * counts.expert_local
+    assert est("parallel.tp=2").buckets == 0

@@ -8,7 +8,9 @@ same tokens with its counterparts, which hold the same slice of each expert's hi
 With `num_chunks` > 1 (parallel.ep_overlap_chunks) the rank's tokens are cut into that many contiguous
 chunks, and the token all-to-alls of the chunks are in flight while the experts compute on the chunks
 that have arrived (forward and backward); routing, capacity and the counts are those of the whole
-micro-batch, so only the order of fp32 sums of the expert weight gradients changes.
+micro-batch. What changes is how each expert's weight gradient is summed: autograd adds the chunks'
+gradients, in the gradient's dtype (bf16 with bf16 parameters: one more rounding per chunk, measured
+5.3e-3 -> 5.9e-3 relative error against fp64 from 1 to 4 chunks; in fp32 only the order of the sums).
 Legend: T tokens, D dim, K top-k, R rows sent, Q rows received, E experts (global), L local experts,
 C chunks, S source ranks.
 """
@@ -41,7 +43,7 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
 def chunk_rows(order_R: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, top_k: int,
                num_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows sorted by expert -> rows sorted by (token chunk, expert): the new order_R and counts_CE.
-    Chunk c holds the tokens [c*T/C, (c+1)*T/C) (rounded down); a stable sort keeps expert order."""
+    Chunk c holds the tokens t with floor(t*C/T) == c; a stable sort keeps expert order."""
     num_experts = counts_E.numel()
     expert_R = torch.repeat_interleave(torch.arange(num_experts, device=counts_E.device), counts_E,
                                        output_size=order_R.numel())  # output_size: no host sync

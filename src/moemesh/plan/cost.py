@@ -1,7 +1,9 @@
 """Step-time cost model of one training step on one rank, and its calibration.
 
     t_step = t_gemm + t_attention + t_elementwise + t_head + t_optimizer + t_launch + t_tp + t_ep + t_dp
-             (no overlap: the code runs every collective blocking, docs/design.md §11)
+             (no overlap counted: the gradient all-reduce overlaps the backward pass by default
+             (parallel.overlap_grad_reduce) and the expert all-to-all can (ep_overlap_chunks), but how much
+             is unmeasured on GPUs, so t_dp and t_ep are added in full: an upper bound)
 
   t_gemm        sum over GEMM classes of FLOPs / peak * (gemm_a + gemm_b * N0 / n): the inverse of a
                 shape-dependent efficiency e(n) = n / (gemm_a * n + gemm_b * N0), n the class's smallest GEMM

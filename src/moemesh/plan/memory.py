@@ -51,7 +51,7 @@ class MemoryEstimate:
     a2a_buffers: int = 0  # expert all-to-all send/receive rows alive in a MoE layer (ep > 1)
     master_grads: int = 0  # bf16 parameters: the fp32 master gradients, alive from sync to the update (not
     # made by the one-pass master step on one GPU; views into the buckets when there are buckets)
-    buckets: bool = False  # the gradients live in fp32 buckets for the whole step (parallel/grad_buckets.py)
+    buckets: int = 0  # bytes of the fp32 gradient buckets, alive the whole step (parallel/grad_buckets.py)
 
     @property
     def allocated(self) -> int:
@@ -59,9 +59,9 @@ class MemoryEstimate:
         `Activations.peak`), the end of backward (every gradient) or the optimizer step (fp32 master
         gradients), on top of parameters and AdamW moments."""
         backward = self.activations + self.a2a_buffers
-        if self.buckets:  # allocated before backward and kept: they add to every phase
-            return self.params + self.optimizer + self.grads + backward
-        return self.params + self.optimizer + max(backward, self.grads, self.master_grads)
+        # the buckets are allocated before backward and kept: they add to every phase
+        return self.params + self.optimizer + self.buckets + max(backward, self.grads - self.buckets,
+                                                                 self.master_grads)
 
     @property
     def device(self) -> int:
@@ -261,15 +261,20 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     # With overlap_grad_reduce on a mesh, fp32 gradient buckets (parallel/grad_buckets.py) take each
     # gradient as backward makes it and live through the whole step; the masters' gradients are views.
     fused = masters and device_type == "cuda" and t.fused_master_step and layout.world_size == 1
-    buckets = cfg.parallel.overlap_grad_reduce and layout.world_size > 1
-    local = counts.local
+    # Bucketed are the gradients that need a collective (grad_buckets.reduction_group): dense ones when
+    # dp*ep > 1, experts' when dp > 1 (sequence-parallel norm weights at dp*ep = 1 too: a few KB, ignored).
+    dense_bucketed = cfg.parallel.overlap_grad_reduce and layout.dp * layout.ep > 1
+    bucketed = (counts.dense_grad if dense_bucketed else 0) + \
+        (counts.expert_local if cfg.parallel.overlap_grad_reduce and layout.dp > 1 else 0)
+    rest = counts.local - bucketed
     per_param = 2 + FP32 if masters else FP32
-    grad_bytes = FP32 if buckets or not masters else 2
-    head_grad = 0 if buckets else grad_bytes * m.vocab_size * m.dim // layout.tp  # backward's first gradient
-    return MemoryEstimate(params=per_param * local, grads=grad_bytes * local, optimizer=2 * FP32 * local,
-                          activations=act.peak + head_grad, full_model=FP32 * counts.full,
-                          overhead=int(PROCESS_OVERHEAD[device_type]), a2a_buffers=a2a,
-                          master_grads=FP32 * local if masters and not fused and not buckets else 0, buckets=buckets)
+    grad_bytes = 2 if masters else FP32
+    head_grad = 0 if dense_bucketed else grad_bytes * m.vocab_size * m.dim // layout.tp  # backward's first gradient
+    return MemoryEstimate(params=per_param * counts.local, grads=FP32 * bucketed + grad_bytes * rest,
+                          optimizer=2 * FP32 * counts.local, activations=act.peak + head_grad,
+                          full_model=FP32 * counts.full, overhead=int(PROCESS_OVERHEAD[device_type]),
+                          a2a_buffers=a2a, master_grads=FP32 * rest if masters and not fused else 0,
+                          buckets=FP32 * bucketed)
 
 
 def host_memory_available() -> int | None:

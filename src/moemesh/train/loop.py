@@ -107,10 +107,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg.train, fused=self.on_device_checks)
         # bf16 parameters on a GPU: one Triton pass per tensor does AdamW on the masters and writes the
         # bf16 parameters (`fused_adamw.py`). A single process feeds it the model's bf16 gradients as they
-        # are; on a mesh they become fp32 master gradients first, so they are reduced across ranks in fp32.
+        # are; across ranks they become fp32 master gradients first, so they are reduced in fp32.
         self.fused_master = (self.masters is not None and self.on_device_checks and cfg.train.fused_master_step
                              and fused_adamw.available(device))
-        self.grads_on_masters = self.masters is not None and (not self.fused_master or mesh is not None)
+        multi_rank = mesh is not None and mesh.world_size > 1  # torchrun with one process has a mesh of 1
+        self.grads_on_masters = self.masters is not None and (not self.fused_master or multi_rank)
         self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params
         # Bucketed gradient all-reduce launched from backward hooks (parallel.overlap_grad_reduce).
         self.grad_sync = GradSync(self.model, self.grad_holder, self.layout, mesh,
