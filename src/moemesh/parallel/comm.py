@@ -6,7 +6,9 @@ forward or backward, goes through `AxisComm._issue`, which
   2. with `check_collectives`, first exchanges a fingerprint of the collective with every rank of the
      world (SPMD: all ranks issue the same sequence, each on its own group of that axis) and stops with
      a message naming the first diverging collective and the ranks on each side;
-  3. runs the collective.
+  3. runs the collective, inside a profiler range `moemesh.comm.{axis}.{op}` (only while a profiler
+     runs; its waits in `moemesh.comm.{axis}.{op}.wait`), so that a trace attributes each collective's
+     kernels to its axis (parallel/comm_profile.py).
 """
 
 from __future__ import annotations
@@ -25,10 +27,19 @@ import torch
 import torch.distributed as dist
 
 from moemesh.errors import report
+from moemesh.parallel.comm_profile import RANGE_PREFIX
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; 2.11 (the GPU machine) has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# The profiler check costs ~0.1 us; an unconditional record_function ~7 us on these CPUs.
+_profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def _ranged(name: str):
+    return torch.profiler.record_function(name) if name and _profiling() else contextlib.nullcontext()
 
 
 class CollectiveMismatch(RuntimeError):
@@ -236,7 +247,7 @@ class AxisComm:
         if trace.check:  # watched too: a rank that stopped issuing collectives never joins this one
             with trace.watching(f"(order check before) {what}", list(range(dist.get_world_size()))):
                 _compare_fingerprints(trace, op, self.axis, shape, what)
-        with trace.watching(what, self.ranks):
+        with trace.watching(what, self.ranks), _ranged(f"{RANGE_PREFIX}{self.axis}.{op}"):
             fn()
         return what
 
@@ -245,7 +256,7 @@ class AxisComm:
         watched like a blocking collective, under the same number and description."""
         works = []
         what = self._issue(op, shape, lambda: works.append(fn()))
-        return Pending(works[0], what, self.ranks, self.trace)
+        return Pending(works[0], what, self.ranks, self.trace, f"{RANGE_PREFIX}{self.axis}.{op}.wait")
 
     # --- plain collectives (no autograd) ---
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -300,15 +311,16 @@ class Pending:
     """An issued collective that has not been waited on. On gloo `wait()` blocks the host until it is
     done; on NCCL it makes the current stream wait for it. Either way the watchdog sees the wait."""
 
-    def __init__(self, work, what: str, group_ranks: list[int], trace: CollectiveTrace):
+    def __init__(self, work, what: str, group_ranks: list[int], trace: CollectiveTrace, range_name: str = ""):
         self.work, self.what, self.group_ranks, self.trace = work, what, group_ranks, trace
+        self.range_name = range_name
         self.keep: torch.Tensor | None = None
         self.result: torch.Tensor | None = None  # the output buffer, for whoever waits
 
     def wait(self) -> None:
         if self.work is None:
             return
-        with self.trace.watching(self.what, self.group_ranks):
+        with self.trace.watching(self.what, self.group_ranks), _ranged(self.range_name):
             self.work.wait()
         self.work, self.keep = None, None
 
