@@ -1,5 +1,6 @@
 """Shared by the bench scripts: run one measurement in a child process and read back its JSON result,
-a line `RESULT {...}` on stdout (a child's own CUDA state, imports and crashes stay out of the parent)."""
+a line `RESULT {...}` on stdout (a child's own CUDA state, imports and crashes stay out of the parent),
+and a single-process Trainer warmed up for a steady-state look at its steps."""
 
 from __future__ import annotations
 
@@ -20,3 +21,20 @@ def run_child(args: list[str], env: dict[str, str], timeout: float) -> dict:
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
     return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - started}
+
+
+def warm_trainer(cfg, steps: int):
+    """A single-process Trainer of `cfg` after `steps` optimizer steps (1..steps), the device idle."""
+    import torch
+
+    from moemesh.train.data import build_source
+    from moemesh.train.loop import Trainer, resolve_device
+
+    device = resolve_device(cfg)
+    source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    trainer = Trainer(cfg, None, source, device)
+    for step in range(1, steps + 1):
+        trainer.step(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return trainer

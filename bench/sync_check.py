@@ -13,9 +13,8 @@ import traceback
 
 import torch
 
+from child import warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 from moemesh.config import load_config
-from moemesh.train.data import build_source
-from moemesh.train.loop import Trainer, resolve_device
 
 
 def main() -> int:
@@ -24,12 +23,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("gpu", ["model.n_layers=2", f"run.dir={tmp}", *args.set])
-        device = resolve_device(cfg)
-        source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
-        trainer = Trainer(cfg, None, source, device)
-        for step in range(1, 4):
-            trainer.step(step)
-        torch.cuda.synchronize()
+        trainer = warm_trainer(cfg, 3)
         torch.cuda.set_sync_debug_mode("error")
         try:
             trainer.step(4)

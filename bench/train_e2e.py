@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import run_child as run_child_process  # bench/child.py (bench/ is on sys.path when run as a script)
+from child import run_child as run_child_process, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 780.0
@@ -72,15 +72,9 @@ def _profile(cfg, args) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from moemesh.train.data import build_source
-    from moemesh.train.loop import Trainer, resolve_device
+    from moemesh.parallel.comm_profile import union_us
 
-    device = resolve_device(cfg)
-    source = build_source(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
-    trainer = Trainer(cfg, None, source, device)
-    for step in range(1, 6):
-        trainer.step(step)
-    torch.cuda.synchronize()
+    trainer = warm_trainer(cfg, 5)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for step in range(6, 8):
@@ -100,15 +94,7 @@ def _profile(cfg, args) -> None:
                 else "elementwise/other")
         by[kind] = by.get(kind, 0.0) + e.device_time
         busy.append((e.time_range.start, e.time_range.end))
-    busy.sort()
-    union, end = 0.0, None
-    for start, stop in busy:
-        if end is None or start > end:
-            union += stop - start
-            end = stop
-        elif stop > end:
-            union += stop - end
-            end = stop
+    union = union_us(busy)
     total = sum(by.values())
     out = {"window_ms": window_us / 1e3, "kernel_ms": total / 1e3, "busy_ms": union / 1e3,
            "idle_frac": 1 - union / window_us, "share": {k: v / total for k, v in sorted(by.items())},
