@@ -57,7 +57,7 @@ def check_against_fallback(cfg) -> dict:
         model, masters, optimizer = _setup(cfg)
         found_inf, scale = torch.zeros((), device="cuda"), torch.tensor(1.3, device="cuda")
         for _ in range(3):
-            impl(optimizer, masters.model_params(), masters.grads(False), found_inf, scale)
+            impl(optimizer, masters.model_params, masters.grads(False), found_inf, scale)
         runs.append((list(masters.parameters()), list(model.parameters())))
     (mk, pk), (mr, pr) = runs
     results["master_max_rel_diff"] = max(float((a - b).norm() / b.norm()) for a, b in zip(mk, mr))
@@ -77,13 +77,13 @@ def main() -> int:
     model, masters, optimizer = _setup(cfg)
     n = sum(p.numel() for p in model.parameters())
     found_inf, scale = torch.zeros((), device="cuda"), torch.tensor(1.3, device="cuda")
-    grads = {m: p.grad for m, p in masters.model_params().items()}
+    grads = {m: p.grad for m, p in masters.model_params.items()}
 
     def fused():
-        fused_adamw.step(optimizer, masters.model_params(), grads, found_inf, scale)
+        fused_adamw.step(optimizer, masters.model_params, grads, found_inf, scale)
 
     def unfused():  # what the loop did before: cast, torch's fused AdamW, copy back
-        for m, p in masters.model_params().items():
+        for m, p in masters.model_params.items():
             m.grad = grads[m].float()
         optimizer.found_inf, optimizer.grad_scale = found_inf, scale
         optimizer.step()

@@ -7,8 +7,8 @@ import torch
 
 from moemesh.model.grouped import grouped_mm, grouped_mm_loop, grouped_mm_supported
 from moemesh.model.layers import SwiGLU
-from moemesh.model.moe import (MoE, Router, RoutingStats, balance_losses, capacity_per_group, combine, count_ids, gather_tokens,
-                               permute, permute_rows)
+from moemesh.model.moe import (MoE, RowOrder, Router, RoutingStats, balance_losses, capacity_per_group, combine,
+                               count_ids, gather_tokens, permute, permute_rows)
 
 LOGITS = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]]
 
@@ -121,7 +121,7 @@ def test_combine_weights_and_sums_choices():
     y_RD = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     order_R = torch.tensor([3, 0, 1])
     weights_TK = torch.tensor([[0.5, 0.25], [0.1, 0.9]])
-    out = combine(y_RD, order_R, weights_TK)
+    out = combine(y_RD, RowOrder.of(order_R, 2, 2), weights_TK)
     # token0: slots 0 (row1, w .5) and 1 (row2, w .25); token1: slot 3 (row0, w .9), slot 2 dropped
     torch.testing.assert_close(out, torch.tensor([[1.75, 1.75], [0.9, 0.9]]))
 
@@ -239,8 +239,9 @@ def test_dropless_gather_and_combine_equal_indexing_forward_and_backward(dtype):
     for use_perm_path in (True, False):
         xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         if use_perm_path:
-            rows = gather_tokens(xi, perm.order_R, K)
-            out = combine(rows @ mix, perm.order_R, wi)
+            order = RowOrder.of(perm.order_R, T, K)
+            rows = gather_tokens(xi, order)
+            out = combine(rows @ mix, order, wi)
         else:
             rows, _ = _indexing_reference(xi, xi[:1], perm.order_R, wi)
             _, out = _indexing_reference(xi, rows @ mix, perm.order_R, wi)
@@ -257,7 +258,7 @@ def test_gather_tokens_with_drops_indexes():
     experts_TK = torch.tensor([[1, 0], [1, 2], [1, 0], [1, 2]])
     perm = permute(experts_TK, 4, capacity=2)
     x = torch.arange(8.0).view(4, 2).requires_grad_()
-    assert torch.equal(gather_tokens(x, perm.order_R, 2), x[perm.order_R // 2])
+    assert torch.equal(gather_tokens(x, RowOrder.of(perm.order_R, 4, 2)), x[perm.order_R // 2])
 
 
 def test_permute_rows_is_indexing_forward_and_backward():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moemesh.config import load_config
-from moemesh.model.moe import combine
+from moemesh.model.moe import RowOrder, combine
 from moemesh.train.data import build_source
 from moemesh.train.loop import Trainer
 from moemesh.train.prefetch import BatchPrefetcher
@@ -63,4 +63,4 @@ def test_combine_in_fp32_is_the_fp32_reference():
     w_TK = torch.rand(T, K)
     ref = torch.zeros(T * K, D)
     ref[order_R] = y_RD * w_TK.reshape(-1)[order_R][:, None]
-    assert torch.equal(combine(y_RD, order_R, w_TK), ref.view(T, K, D).sum(dim=1))
+    assert torch.equal(combine(y_RD, RowOrder.of(order_R, T, K), w_TK), ref.view(T, K, D).sum(dim=1))

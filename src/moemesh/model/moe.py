@@ -85,14 +85,23 @@ class Permutation:
     num_dropped: torch.Tensor  # int64 scalar
 
 
-def inverse_rows(order_R: torch.Tensor, num_assignments: int) -> torch.Tensor | None:
-    """Row of each assignment when every assignment is kept (order_R is then a permutation of T*K),
-    else None. Decided by the shape, so no host sync."""
-    if order_R.numel() != num_assignments:
-        return None
-    inverse_A = torch.empty_like(order_R)
-    inverse_A[order_R] = torch.arange(num_assignments, device=order_R.device)
-    return inverse_A
+@dataclass
+class RowOrder:
+    """The index tensors stages 2 and 4 share, made once per dispatch: each row's flat assignment
+    (token * K + choice), its token, and, when every assignment is kept (decided by the shape, so no host
+    sync), the row of each assignment (the permutation's inverse; None with drops)."""
+    order_R: torch.Tensor
+    token_R: torch.Tensor
+    inverse_A: torch.Tensor | None
+    top_k: int
+
+    @classmethod
+    def of(cls, order_R: torch.Tensor, num_tokens: int, top_k: int) -> "RowOrder":
+        inverse_A = None
+        if order_R.numel() == num_tokens * top_k:
+            inverse_A = torch.empty_like(order_R)
+            inverse_A[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        return cls(order_R, order_R // top_k, inverse_A, top_k)
 
 
 def count_ids(ids: torch.Tensor, num_ids: int) -> torch.Tensor:
@@ -145,13 +154,11 @@ class _GatherTokens(torch.autograd.Function):
         return g_AD.view(-1, ctx.top_k, g_AD.shape[-1]).sum(dim=1), None, None, None
 
 
-def gather_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Stage 2: the input row of every kept assignment (flat index token * K + choice), in that order."""
-    token_R = order_R // top_k
-    inverse_A = inverse_rows(order_R, x_TD.shape[0] * top_k)
-    if inverse_A is None or not x_TD.requires_grad:
-        return x_TD[token_R]
-    return _GatherTokens.apply(x_TD, token_R, inverse_A, top_k)
+def gather_tokens(x_TD: torch.Tensor, rows: RowOrder) -> torch.Tensor:
+    """Stage 2: the input row of every kept assignment, in the rows' order."""
+    if rows.inverse_A is None or not x_TD.requires_grad:
+        return x_TD[rows.token_R]
+    return _GatherTokens.apply(x_TD, rows.token_R, rows.inverse_A, rows.top_k)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -194,15 +201,15 @@ class _SumChoices(torch.autograd.Function):
         return g_TD.index_select(0, token_R).to(ctx.dtype), None, None, None
 
 
-def combine(y_RD: torch.Tensor, order_R: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def combine(y_RD: torch.Tensor, rows: RowOrder, weights_TK: torch.Tensor) -> torch.Tensor:
     """Stage 4: weight each row, put it in its (token, choice) slot, sum choices in a fixed order
     (deterministic, unlike an atomic index_add). The sum over choices accumulates in fp32; rows and
     weights are multiplied in the experts' dtype (bf16 under autocast: half the bytes kept for backward)."""
     num_tokens, top_k = weights_TK.shape
+    order_R = rows.order_R
     yw_RD = y_RD * weights_TK.reshape(-1)[order_R][:, None].to(y_RD.dtype)
-    inverse_A = inverse_rows(order_R, num_tokens * top_k)
-    if inverse_A is not None:
-        return _SumChoices.apply(yw_RD, inverse_A, order_R // top_k, top_k)
+    if rows.inverse_A is not None:
+        return _SumChoices.apply(yw_RD, rows.inverse_A, rows.token_R, top_k)
     slots_AD = yw_RD.new_zeros(num_tokens * top_k, y_RD.shape[-1])
     slots_AD[order_R] = yw_RD
     return slots_AD.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32)
@@ -249,8 +256,8 @@ class LocalDispatcher:
 
     def __call__(self, x_TD, weights_TK, perm, experts):
         top_k = weights_TK.shape[1]
-        y_RD = experts(gather_tokens(x_TD, perm.order_R, top_k), perm.counts_E)
-        return combine(y_RD, perm.order_R, weights_TK)
+        rows = RowOrder.of(perm.order_R, x_TD.shape[0], top_k)
+        return combine(experts(gather_tokens(x_TD, rows), perm.counts_E), rows, weights_TK)
 
 
 class RoutingStats:

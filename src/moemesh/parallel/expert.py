@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.model.moe import (GroupedExperts, Permutation, combine, count_ids, gather_tokens, permute_rows,
-                               to_compute_dtype)
+from moemesh.model.moe import (GroupedExperts, Permutation, RowOrder, combine, count_ids, gather_tokens,
+                               permute_rows, to_compute_dtype)
 from moemesh.parallel.comm import AxisComm, all_to_all, copy_to_group, launch_all_to_all, wait_all_to_all
 
 
@@ -66,12 +66,13 @@ class ExpertParallelDispatcher:
             weights_TK = copy_to_group(weights_TK, self.model_comm)
         if self.expert_comm is not None and self.num_chunks > 1:
             return self._run_chunked(x_TD, weights_TK, perm, experts)
-        x_RD = to_compute_dtype(gather_tokens(x_TD, perm.order_R, top_k))  # bf16 rows on the wire under autocast
+        rows = RowOrder.of(perm.order_R, x_TD.shape[0], top_k)
+        x_RD = to_compute_dtype(gather_tokens(x_TD, rows))  # bf16 rows on the wire under autocast
         if self.expert_comm is None:
             y_RD = experts(x_RD, perm.counts_E)
         else:
             y_RD = self._run_remote(x_RD, perm.counts_E, experts)
-        return combine(y_RD, perm.order_R, weights_TK)
+        return combine(y_RD, rows, weights_TK)
 
     def _run_remote(self, x_RD: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
         comm = self.expert_comm
@@ -106,7 +107,8 @@ class ExpertParallelDispatcher:
                            recv_counts_SCL.sum(dim=2).t().reshape(-1)]).tolist()
         send_splits = [sizes[c * ep:(c + 1) * ep] for c in range(num_chunks)]
         recv_splits = [sizes[(num_chunks + c) * ep:(num_chunks + c + 1) * ep] for c in range(num_chunks)]
-        x_RD = to_compute_dtype(gather_tokens(x_TD, order_R, top_k))
+        rows = RowOrder.of(order_R, num_tokens, top_k)
+        x_RD = to_compute_dtype(gather_tokens(x_TD, rows))
         # 2. Launch every chunk's rows towards their experts.
         flights = [launch_all_to_all(x_rows, comm, recv_splits[c], send_splits[c])
                    for c, x_rows in enumerate(x_RD.split([sum(splits) for splits in send_splits]))]
@@ -124,4 +126,4 @@ class ExpertParallelDispatcher:
         # 4. Wait for the results of every chunk, then combine in the (chunk, expert) row order.
         y_RD = torch.cat([wait_all_to_all(buffer, flight, comm, send_splits[c], recv_splits[c])
                           for buffer, flight, c in returns])
-        return combine(y_RD, order_R, weights_TK)
+        return combine(y_RD, rows, weights_TK)

@@ -164,7 +164,7 @@ class Trainer:
             found_inf = (~finite).float()  # the step is skipped on the device: params, moments and count stay
             grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
             if self.fused_master:
-                fused_adamw.step(self.optimizer, self.masters.model_params(),
+                fused_adamw.step(self.optimizer, self.masters.model_params,
                                  self.masters.grads(self.grads_on_masters), found_inf, grad_scale)
             else:
                 self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, grad_scale

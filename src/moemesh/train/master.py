@@ -23,6 +23,8 @@ class MasterWeights:
         self.model = model
         self._named = [(name, p) for name, p in model.named_parameters()]
         self._masters = [nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad) for _, p in self._named]
+        # each master -> the bf16 parameter the model computes with (the one-pass step writes both)
+        self.model_params = {master: p for (_, p), master in zip(self._named, self._masters)}
         with torch.no_grad():
             for _, p in self._named:  # parameters only: buffers (the routers' bias, rotary tables) stay fp32
                 p.data = p.data.to(dtype)
@@ -32,10 +34,6 @@ class MasterWeights:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(self._masters)
-
-    def model_params(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Each master -> the bf16 parameter the model computes with."""
-        return {master: p for (_, p), master in zip(self._named, self._masters)}
 
     def grads(self, on_masters: bool) -> dict[torch.Tensor, torch.Tensor]:
         """Each master -> its gradient: the fp32 master gradient, or the model's bf16 one."""
