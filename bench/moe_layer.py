@@ -7,9 +7,13 @@ Cases (same weights, same input, same routing in each (shape, routing) cell):
   gmm_only           three torch._grouped_mm + silu*mul on rows already permuted by expert, bf16, weights
                      stored (E, D, F) as moemesh stores them: the ceiling for the expert computation;
   gmm_only_t         the same with weights stored (E, F, D) and passed transposed, as torchtitan does;
+  gmm_only_fused_act gmm_only with silu*mul as moemesh's one-kernel activation (moemesh.kernels.swiglu): the
+                     ceiling for the activation moemesh trains with on a GPU;
   moemesh_fp32_amp   moemesh.model.moe.MoE as it trains today: fp32 parameters, fp32 input (the residual
                      stream), bf16 autocast; aux + z losses in the backward (coefficients 0.01 / 0.001);
   moemesh_bf16       the same module with bf16 parameters and a bf16 input, no autocast;
+  moemesh_bf16_fused the same with train.fused_kernels' Triton kernels (activation, combine, gather backward):
+                     the MoE layer as the Trainer runs it on a GPU;
   torchtitan_fp32_amp  torchtitan.models.common.moe.MoE (softmax router, route_norm, no shared expert,
                      LocalTokenDispatcher, its default torch._grouped_mm path), fp32 params + bf16 autocast
                      (how torchtitan trains on one GPU without FSDP);
@@ -57,7 +61,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from moemesh.kernels.swiglu import swiglu  # noqa: E402
 from moemesh.model.moe import MoE, Routing  # noqa: E402
+from moemesh.train.fused_kernels import apply_fused_kernels  # noqa: E402
 
 SHAPES = {
     "mixtral": dict(dim=4096, ffn_dim=14336, num_experts=8, top_k=2),
@@ -67,7 +73,8 @@ DRY_SHAPES = {
     "mixtral": dict(dim=64, ffn_dim=128, num_experts=8, top_k=2),
     "fine_grained": dict(dim=32, ffn_dim=48, num_experts=16, top_k=4),
 }
-CASES = ["gmm_only", "gmm_only_t", "moemesh_fp32_amp", "moemesh_bf16", "torchtitan_fp32_amp", "torchtitan_bf16"]
+CASES = ["gmm_only", "gmm_only_t", "gmm_only_fused_act", "moemesh_fp32_amp", "moemesh_bf16", "moemesh_bf16_fused",
+         "torchtitan_fp32_amp", "torchtitan_bf16"]
 AUX_COEF, Z_COEF = 0.01, 0.001  # moemesh's config defaults (model.aux_loss_coef / z_loss_coef)
 SHARED_DIRECTION_SCALE = 0.3
 GATE_STD, EXPERT_STD = 0.02, 0.02
@@ -144,7 +151,7 @@ def routing_counts(master: dict, shape: dict, balanced: bool) -> tuple[torch.Ten
 # ---------------------------------------------------------------------------------------------------
 # cases: each builder returns (step, forward_output, n_params_bytes); step() runs forward + backward
 
-def build_gmm_only(master, shape, balanced, transposed: bool):
+def build_gmm_only(master, shape, balanced, transposed: bool, activation=None):
     K = shape["top_k"]
     order_R, counts_E = routing_counts(master, shape, balanced)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -158,8 +165,10 @@ def build_gmm_only(master, shape, balanced, transposed: bool):
         view = lambda w: w  # noqa: E731
     w1, w3, w2 = ws
 
+    act = activation or (lambda g, u: F.silu(g) * u)
+
     def forward():
-        h_RF = F.silu(torch._grouped_mm(x_RD, view(w1), offs=offsets_E)) * torch._grouped_mm(x_RD, view(w3), offs=offsets_E)
+        h_RF = act(torch._grouped_mm(x_RD, view(w1), offs=offsets_E), torch._grouped_mm(x_RD, view(w3), offs=offsets_E))
         return torch._grouped_mm(h_RF, view(w2), offs=offsets_E)
 
     def step():
@@ -186,10 +195,11 @@ def _balanced_router(router, num_experts: int):
     router.forward = forward
 
 
-def build_moemesh(master, shape, balanced, param_dtype, amp_dtype, x_dtype, device):
+def build_moemesh(master, shape, balanced, param_dtype, amp_dtype, x_dtype, device, fused=False):
     B, S = master["batch_shape"]
     with torch.device(device):
         moe = MoE(**shape)
+    apply_fused_kernels(moe, fused)  # as the Trainer does on a GPU (train.fused_kernels)
     with torch.no_grad():
         moe.router.gate.weight.copy_(master["gate_ED"])
         moe.experts.w1_EDF.copy_(master["w1_EDF"])
@@ -254,10 +264,14 @@ def build_case(name, master, shape, balanced, device, low):
         return build_gmm_only(master, shape, balanced, transposed=False)
     if name == "gmm_only_t":
         return build_gmm_only(master, shape, balanced, transposed=True)
+    if name == "gmm_only_fused_act":
+        return build_gmm_only(master, shape, balanced, transposed=False, activation=swiglu)
     if name == "moemesh_fp32_amp":
         return build_moemesh(master, shape, balanced, torch.float32, amp, torch.float32, device)
     if name == "moemesh_bf16":
         return build_moemesh(master, shape, balanced, low, None, low, device)
+    if name == "moemesh_bf16_fused":
+        return build_moemesh(master, shape, balanced, low, None, low, device, fused=True)
     if name == "torchtitan_fp32_amp":
         return build_torchtitan_case(master, shape, balanced, torch.float32, amp, torch.float32, device)
     if name == "torchtitan_bf16":
@@ -514,31 +528,34 @@ def summarize(cell: dict, flops: int, outputs: dict) -> None:
         entry["host_syncs_per_iter"] = entry["passes"][0]["host_syncs_per_iter"]
     ceiling = min((cases[n]["median_ms"] for n in ("gmm_only", "gmm_only_t") if n in cases), default=None)
     cell["ceiling_ms"] = ceiling
+    fused_ceiling = cases.get("gmm_only_fused_act", {}).get("median_ms")
     for entry in cases.values():
         if ceiling:
             entry["ratio_to_gmm_only"] = round(ceiling / entry["median_ms"], 3)  # speed as a fraction of the ceiling
+        if fused_ceiling:  # the ceiling with the same one-kernel activation moemesh trains with
+            entry["ratio_to_gmm_only_fused_act"] = round(fused_ceiling / entry["median_ms"], 3)
     ratios = {}
     for a, b in (("moemesh_fp32_amp", "torchtitan_fp32_amp"), ("moemesh_bf16", "torchtitan_bf16"),
-                 ("moemesh_fp32_amp", "torchtitan_bf16")):
+                 ("moemesh_fp32_amp", "torchtitan_bf16"), ("moemesh_bf16_fused", "torchtitan_bf16")):
         if a in cases and b in cases:
             ratios[f"{a}_speedup_over_{b}"] = round(cases[b]["median_ms"] / cases[a]["median_ms"], 3)
     cell["moemesh_vs_torchtitan"] = ratios
     checks = {}
     for a, b in (("moemesh_bf16", "torchtitan_bf16"), ("moemesh_fp32_amp", "torchtitan_fp32_amp"),
-                 ("moemesh_fp32_amp", "moemesh_bf16")):
+                 ("moemesh_fp32_amp", "moemesh_bf16"), ("moemesh_bf16_fused", "moemesh_bf16")):
         if a in outputs and b in outputs:
             checks[f"rel_err_output_{a}_vs_{b}"] = rel_err(outputs[a], outputs[b])
     cell["output_cross_check"] = checks
 
 
 def print_table(report: dict) -> None:
-    print("\n| shape | routing | case | ms (median) | pass medians | TFLOP/s | vs gmm-only | peak GiB | syncs |")
+    print("\n| shape | routing | case | ms (median) | pass medians | TFLOP/s | vs gmm-only / fused-act | peak GiB | syncs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key, cell in report["results"].items():
         shape_name, routing = key.split("/")
         for name, e in cell["cases"].items():
             print(f"| {shape_name} | {routing} | {name} | {e['median_ms']:.2f} | {e['pass_medians_ms']} | {e['tflops']} | "
-                  f"{e.get('ratio_to_gmm_only')} | {e.get('peak_gib')} | {e.get('host_syncs_per_iter')} |")
+                  f"{e.get('ratio_to_gmm_only')} / {e.get('ratio_to_gmm_only_fused_act')} | {e.get('peak_gib')} | {e.get('host_syncs_per_iter')} |")
         print(f"| {shape_name} | {routing} | load max/mean {cell['load']['max_over_mean']} | "
               f"{cell['moemesh_vs_torchtitan']} | {cell['output_cross_check']} |")
     if report["errors"]:

@@ -125,6 +125,17 @@ def _idle_causes(prof, kernels) -> dict:
             "top_kernels_ms": [[k, c, us / 1e3] for k, (c, us) in sorted(top.items(), key=lambda kv: -kv[1][1])[:15]]}
 
 
+def curve_diff(a: dict, b: dict) -> dict | None:
+    """How far two runs' logged lm losses are apart: the largest relative difference per logged step, over
+    all steps and from step 100 on, and of the final losses (summary.json's mean of the last ones)."""
+    if "losses" not in a or "losses" not in b:
+        return None
+    diffs = [(x[0], abs(x[1] - y[1]) / abs(y[1])) for x, y in zip(a["losses"], b["losses"])]
+    return {"max_rel": max(d for _, d in diffs), "max_rel_from_step_100": max((d for s, d in diffs if s >= 100), default=None),
+            "worst_step": max(diffs, key=lambda sd: sd[1])[0],
+            "final_rel": abs(a["final_lm_loss"] - b["final_lm_loss"]) / b["final_lm_loss"]}
+
+
 def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warmup: int, profile: bool = False,
               timeout: int = 400) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
@@ -185,8 +196,15 @@ def main() -> int:
     plan += [(f"{name}/after-compile", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
                                                        "run.log_every=5", "train.compile=true"])
              for name in CONFIGS]
+    plan += [(f"{name}/after-unfused", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
+                                                       "run.log_every=5", "train.fused_kernels=false"])
+             for name in CONFIGS]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
+    # the same code twice (run-to-run spread of bf16 training on the GPU), and the kernels off
+    plan.append(("gpu-preset-200/before-repeat", "before", "gpu", ["train.steps=200", "run.log_every=10"]))
+    plan.append(("gpu-preset-200/after-unfused", "after", "gpu", ["train.steps=200", "run.log_every=10",
+                                                                  "train.fused_kernels=false"]))
     only = set(filter(None, args.only.split(",")))
     for label, code, preset, overrides in plan:
         if only and label not in only:
@@ -207,9 +225,9 @@ def main() -> int:
         print(label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
                       if k not in ("losses", "stderr")}, result.get("stderr", "")[-1500:], flush=True)
         save()
-    profiles = [(f"{name}/profile{suffix}", name, extra) for name in ("mixtral-shaped", "fine-grained")
+    profiles = [(f"{name}/profile{suffix}", name, extra) for name in CONFIGS
                 for suffix, extra in (("", []), ("-torch-adamw", ["train.fused_master_step=false"]),
-                                      ("-compile", ["train.compile=true"]))]
+                                      ("-compile", ["train.compile=true"]), ("-unfused", ["train.fused_kernels=false"]))]
     for label, name, extra in profiles if torch.cuda.is_available() else ():
         if only and label not in only:
             continue
@@ -222,10 +240,10 @@ def main() -> int:
         before, after = report["runs"].get(f"{name}/before", {}), report["runs"].get(f"{name}/after", {})
         if "tokens_per_s" in before and "tokens_per_s" in after:
             report["runs"][f"{name}/speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
-    b, a = report["runs"].get("gpu-preset-200/before", {}), report["runs"].get("gpu-preset-200/after", {})
-    if "losses" in b and "losses" in a:
-        report["loss_curve_max_rel_diff"] = max(abs(x[1] - y[1]) / abs(y[1]) for x, y in zip(a["losses"], b["losses"]))
-        report["final_loss_rel_diff"] = abs(a["final_lm_loss"] - b["final_lm_loss"]) / b["final_lm_loss"]
+    report["loss_curves"] = {f"{x} vs {y}": curve_diff(report["runs"].get(f"gpu-preset-200/{x}", {}),
+                                                       report["runs"].get(f"gpu-preset-200/{y}", {}))
+                             for x, y in (("after", "before"), ("before-repeat", "before"),
+                                          ("after-unfused", "before"), ("after", "after-unfused"))}
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
     return 0

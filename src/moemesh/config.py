@@ -89,6 +89,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # "none" | "moe" (recompute MoE layers in backward) | "full" (blocks)
     fused_master_step: bool = True  # bf16 params on cuda: AdamW on the masters in one Triton pass (false: torch's)
     compile: bool = False  # torch.compile the dense parts of each block (norms, attention); needs parallel.tp=1
+    fused_kernels: bool = True  # on cuda: RMSNorm, rotary, SwiGLU activation, MoE gather/combine as Triton kernels
 
 
 @dataclass

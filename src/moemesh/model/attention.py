@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels.rotary import rotary
 from moemesh.model.layers import apply_rotary
 
 
@@ -22,13 +23,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.fused_rotary = False  # rotary on [B, S, H, Dh] in one Triton kernel each way, set from outside
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSD = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGSD = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSHD = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k_BSGD = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
         v_BGSD = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSD, k_BGSD = apply_rotary(q_BHSD, cos, sin), apply_rotary(k_BGSD, cos, sin)
+        if self.fused_rotary:
+            q_BHSD, k_BGSD = rotary(q_BSHD, cos, sin).transpose(1, 2), rotary(k_BSGD, cos, sin).transpose(1, 2)
+        else:
+            q_BHSD = apply_rotary(q_BSHD.transpose(1, 2), cos, sin)
+            k_BGSD = apply_rotary(k_BSGD.transpose(1, 2), cos, sin)
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

@@ -5,9 +5,13 @@ Legend: B batch, S sequence, D model dim, H heads, Dh head dim, F hidden dim.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moemesh.kernels import rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -15,8 +19,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # one Triton kernel each way (moemesh.kernels.rmsnorm), set from outside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and rmsnorm.supported(x):
+            return rmsnorm.rms_norm(x, self.weight, self.eps)
         x_f = x.float()
         out = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float()).type_as(x)
@@ -36,6 +43,10 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), Mixtral's expert and dense MLP. Under TP w1/w3 are column shards and w2 a
     row shard, so the output is a partial sum that the parallel wrapper reduces."""
@@ -45,6 +56,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = silu_mul  # swappable from outside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x), self.w3(x)))

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import gather_sum
 from moemesh.model.grouped import grouped_mm
-from moemesh.model.layers import SwiGLU
+from moemesh.model.layers import SwiGLU, silu_mul
 
 
 @dataclass
@@ -142,23 +142,26 @@ class _GatherTokens(torch.autograd.Function):
     back into (token, choice) order and sums the K choices: two plain passes, deterministic."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_R, inverse_A, top_k):
+    def forward(ctx, x_TD, token_R, inverse_A, top_k, fused):
         ctx.save_for_backward(inverse_A)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.fused = top_k, fused
         return x_TD.index_select(0, token_R)
 
     @staticmethod
     def backward(ctx, g_RD):
         (inverse_A,) = ctx.saved_tensors
+        if ctx.fused:  # the two passes in one kernel
+            return gather_sum.gather_sum(g_RD, inverse_A, ctx.top_k, None, g_RD.dtype), None, None, None, None
         g_AD = g_RD.index_select(0, inverse_A)
-        return g_AD.view(-1, ctx.top_k, g_AD.shape[-1]).sum(dim=1), None, None, None
+        return g_AD.view(-1, ctx.top_k, g_AD.shape[-1]).sum(dim=1), None, None, None, None
 
 
-def gather_tokens(x_TD: torch.Tensor, rows: RowOrder) -> torch.Tensor:
-    """Stage 2: the input row of every kept assignment, in the rows' order."""
+def gather_tokens(x_TD: torch.Tensor, rows: RowOrder, fused: bool = False) -> torch.Tensor:
+    """Stage 2: the input row of every kept assignment, in the rows' order (`fused`: the backward in one
+    Triton kernel, moemesh.kernels.gather_sum)."""
     if rows.inverse_A is None or not x_TD.requires_grad:
         return x_TD[rows.token_R]
-    return _GatherTokens.apply(x_TD, rows.token_R, rows.inverse_A, rows.top_k)
+    return _GatherTokens.apply(x_TD, rows.token_R, rows.inverse_A, rows.top_k, fused)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -201,12 +204,16 @@ class _SumChoices(torch.autograd.Function):
         return g_TD.index_select(0, token_R).to(ctx.dtype), None, None, None
 
 
-def combine(y_RD: torch.Tensor, rows: RowOrder, weights_TK: torch.Tensor) -> torch.Tensor:
+def combine(y_RD: torch.Tensor, rows: RowOrder, weights_TK: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Stage 4: weight each row, put it in its (token, choice) slot, sum choices in a fixed order
     (deterministic, unlike an atomic index_add). The sum over choices accumulates in fp32; rows and
-    weights are multiplied in the experts' dtype (bf16 under autocast: half the bytes kept for backward)."""
+    weights are multiplied in the experts' dtype (bf16 under autocast: half the bytes kept for backward).
+    `fused` (every assignment kept): weights, gather and sum in one Triton kernel each way, the product
+    in fp32 (moemesh.kernels.gather_sum)."""
     num_tokens, top_k = weights_TK.shape
     order_R = rows.order_R
+    if fused and rows.inverse_A is not None:
+        return gather_sum.combine(y_RD, weights_TK, order_R, rows.inverse_A)
     yw_RD = y_RD * weights_TK.reshape(-1)[order_R][:, None].to(y_RD.dtype)
     if rows.inverse_A is not None:
         return _SumChoices.apply(yw_RD, rows.inverse_A, rows.token_R, top_k)
@@ -222,10 +229,6 @@ def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def silu_mul(gate_RF: torch.Tensor, up_RF: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate_RF) * up_RF
-
-
 class GroupedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored stacked for one grouped GEMM per projection."""
 
@@ -236,7 +239,7 @@ class GroupedExperts(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # the Transformer re-initialises with its std
             nn.init.normal_(w, std=0.02)
-        self.activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = silu_mul  # train.compile swaps it
+        self.activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = silu_mul  # swappable from outside
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -247,6 +250,8 @@ class GroupedExperts(nn.Module):
 
 
 class Dispatcher(Protocol):
+    fused: bool  # gather's backward and combine as Triton kernels (moemesh.kernels.gather_sum)
+
     def __call__(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation,
                  experts: GroupedExperts) -> torch.Tensor: ...
 
@@ -254,10 +259,13 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """All experts live here: gather rows, run experts, combine."""
 
+    def __init__(self):
+        self.fused = False
+
     def __call__(self, x_TD, weights_TK, perm, experts):
         top_k = weights_TK.shape[1]
         rows = RowOrder.of(perm.order_R, x_TD.shape[0], top_k)
-        return combine(experts(gather_tokens(x_TD, rows), perm.counts_E), rows, weights_TK)
+        return combine(experts(gather_tokens(x_TD, rows, self.fused), perm.counts_E), rows, weights_TK, self.fused)
 
 
 class RoutingStats:

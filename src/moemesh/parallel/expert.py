@@ -56,6 +56,7 @@ def chunk_rows(order_R: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, t
 class ExpertParallelDispatcher:
     def __init__(self, expert_comm: AxisComm | None, model_comm: AxisComm | None, num_chunks: int = 1):
         self.expert_comm, self.model_comm, self.num_chunks = expert_comm, model_comm, num_chunks
+        self.fused = False
 
     def __call__(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, perm: Permutation,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -67,12 +68,12 @@ class ExpertParallelDispatcher:
         if self.expert_comm is not None and self.num_chunks > 1:
             return self._run_chunked(x_TD, weights_TK, perm, experts)
         rows = RowOrder.of(perm.order_R, x_TD.shape[0], top_k)
-        x_RD = to_compute_dtype(gather_tokens(x_TD, rows))  # bf16 rows on the wire under autocast
+        x_RD = to_compute_dtype(gather_tokens(x_TD, rows, self.fused))  # bf16 rows on the wire under autocast
         if self.expert_comm is None:
             y_RD = experts(x_RD, perm.counts_E)
         else:
             y_RD = self._run_remote(x_RD, perm.counts_E, experts)
-        return combine(y_RD, rows, weights_TK)
+        return combine(y_RD, rows, weights_TK, self.fused)
 
     def _run_remote(self, x_RD: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
         comm = self.expert_comm
@@ -108,7 +109,7 @@ class ExpertParallelDispatcher:
         send_splits = [sizes[c * ep:(c + 1) * ep] for c in range(num_chunks)]
         recv_splits = [sizes[(num_chunks + c) * ep:(num_chunks + c + 1) * ep] for c in range(num_chunks)]
         rows = RowOrder.of(order_R, num_tokens, top_k)
-        x_RD = to_compute_dtype(gather_tokens(x_TD, rows))
+        x_RD = to_compute_dtype(gather_tokens(x_TD, rows, self.fused))
         # 2. Launch every chunk's rows towards their experts.
         flights = [launch_all_to_all(x_rows, comm, recv_splits[c], send_splits[c])
                    for c, x_rows in enumerate(x_RD.split([sum(splits) for splits in send_splits]))]
@@ -126,4 +127,4 @@ class ExpertParallelDispatcher:
         # 4. Wait for the results of every chunk, then combine in the (chunk, expert) row order.
         y_RD = torch.cat([wait_all_to_all(buffer, flight, comm, send_splits[c], recv_splits[c])
                           for buffer, flight, c in returns])
-        return combine(y_RD, rows, weights_TK)
+        return combine(y_RD, rows, weights_TK, self.fused)

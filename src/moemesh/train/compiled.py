@@ -7,6 +7,8 @@ The MoE layer stays eager (its grouped GEMMs are already single kernels), except
 silu(gate) * up, compiled with a dynamic row count (it changes every step under expert parallelism) into
 one kernel each way. `nn.Module.compile()` compiles in place, so parameter names, the placement table
 and checkpoints are unchanged. Tensor parallelism's hooks would be traced into the graph, so compile needs tp=1.
+The compiled modules run their PyTorch code (Inductor fuses it), not train.fused_kernels' Triton kernels,
+which stay on for the MoE dispatch.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.model.layers import SwiGLU
-from moemesh.model.moe import MoE, silu_mul
+from moemesh.model.attention import Attention
+from moemesh.model.layers import RMSNorm, SwiGLU, silu_mul
+from moemesh.model.moe import MoE
 from moemesh.model.transformer import Transformer
 
 BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
@@ -30,6 +33,13 @@ def apply_compile(model: Transformer, enabled: bool) -> None:
         if isinstance(block.ffn, SwiGLU):
             modules.append(block.ffn)
     for module in modules:
+        for part in module.modules():
+            if isinstance(part, RMSNorm):
+                part.fused = False
+            elif isinstance(part, Attention):
+                part.fused_rotary = False
+            elif isinstance(part, SwiGLU):
+                part.activation = silu_mul
         module.compile(backend=BACKEND, fullgraph=True, dynamic=False)
     activation = torch.compile(silu_mul, backend=BACKEND, fullgraph=True, dynamic=True)
     for block in model.layers:

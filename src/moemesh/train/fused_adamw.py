@@ -22,19 +22,12 @@ checkpoints and the unfused path read and write the same state.
 from __future__ import annotations
 
 import functools
-import os
+
 import torch
 
+from moemesh.kernels import interpreting
+
 BLOCK = 4096  # elements per program: 16 B/elem in flight per thread at 8 warps, enough to hide latency
-
-
-def available(device: torch.device) -> bool:
-    """The Triton kernel runs on CUDA devices (or anywhere under TRITON_INTERPRET=1, for tests)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -100,7 +93,7 @@ def step(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.Tens
          grads: dict[torch.Tensor, torch.Tensor], found_inf: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
     """One AdamW step: `params` maps each master to the parameter the model computes with, `grads` each
     master to its gradient (either dtype). found_inf and grad_scale are 0-dim float32 device tensors."""
-    kernel = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel = _kernel(interpreting())
     work = list(_groups(optimizer, params, grads))
     steps = [state["step"] for *_, state in work]
     if steps:

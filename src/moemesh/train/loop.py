@@ -26,10 +26,12 @@ from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
+from moemesh import kernels
 from moemesh.train import fused_adamw
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.compiled import apply_compile
+from moemesh.train.fused_kernels import apply_fused_kernels
 from moemesh.train.recompute import apply_activation_checkpointing
 from moemesh.train.resume import continues_run_dir
 from moemesh.train.rundir import prepare_run_dir
@@ -78,6 +80,7 @@ def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[T
     with torch.device(device):
         model = Transformer(cfg.model)
     model, layout = parallelize(model, mesh, cfg.parallel)
+    apply_fused_kernels(model, cfg.train.fused_kernels and device.type == "cuda" and kernels.available(device))
     apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model, layout
@@ -109,7 +112,7 @@ class Trainer:
         # bf16 parameters (`fused_adamw.py`). A single process feeds it the model's bf16 gradients as they
         # are; across ranks they become fp32 master gradients first, so they are reduced in fp32.
         self.fused_master = (self.masters is not None and self.on_device_checks and cfg.train.fused_master_step
-                             and fused_adamw.available(device))
+                             and kernels.available(device))
         multi_rank = mesh is not None and mesh.world_size > 1  # torchrun with one process has a mesh of 1
         self.grads_on_masters = self.masters is not None and (not self.fused_master or multi_rank)
         self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params

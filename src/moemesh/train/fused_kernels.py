@@ -1,0 +1,36 @@
+"""`train.fused_kernels`: the memory-bound chains of a block as Triton kernels (moemesh.kernels), switched
+on from outside the model like compile and activation checkpointing. On CUDA, with triton installed:
+
+  RMSNorm         one kernel each way instead of ~6 forward and more backward;
+  rotary          on q and k in [B, S, H, Dh] layout, one kernel each way instead of 24 strided ones a layer;
+  SwiGLU          silu(gate) * up in one kernel each way (experts, dense MLPs and shared experts), one
+                  fewer R*F tensor kept for backward;
+  MoE dispatch    the combine (weights, gather, sum over choices) and the token gather's backward, one
+                  kernel each (when every assignment is kept; capacity drops keep the PyTorch path).
+The kernels compute in fp32 and round once; the PyTorch code stays the CPU path and the reference the
+tests compare them with. `train.compile` recompiles the norms, attention and activations from their
+PyTorch code (apply_compile runs after this and switches those back).
+"""
+
+from __future__ import annotations
+
+from moemesh.kernels.swiglu import swiglu
+from moemesh.model.attention import Attention
+from moemesh.model.layers import RMSNorm, SwiGLU
+from moemesh.model.moe import MoE
+from moemesh.model.transformer import Transformer
+
+
+def apply_fused_kernels(model: Transformer, enabled: bool) -> None:
+    if not enabled:
+        return
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = True
+        elif isinstance(module, Attention):
+            module.fused_rotary = True
+        elif isinstance(module, SwiGLU):
+            module.activation = swiglu
+        elif isinstance(module, MoE):
+            module.experts.activation = swiglu
+            module.dispatcher.fused = True
