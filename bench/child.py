@@ -1,6 +1,6 @@
 """Shared by the bench scripts: run one measurement in a child process and read back its JSON result,
 a line `RESULT {...}` on stdout (a child's own CUDA state, imports and crashes stay out of the parent),
-and a single-process Trainer warmed up for a steady-state look at its steps."""
+a single-process Trainer warmed up for a steady-state look at its steps, and a profiled window of them."""
 
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ def warm_trainer(cfg, steps: int):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return trainer
+
+
+def profile_steps(trainer, first: int, steps: int):
+    """Optimizer steps first..first+steps-1 under torch.profiler (host and, on a GPU, device activity:
+    device-only tracing misses kernels on the H200); returns (the profiler, the window's wall time in us)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for step in range(first, first + steps):
+            trainer.step(step)
+        if cuda:
+            torch.cuda.synchronize()
+        window_us = (time.perf_counter() - t0) * 1e6
+    return prof, window_us
