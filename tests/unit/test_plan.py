@@ -51,6 +51,7 @@ def test_ranking_prefers_fewer_collectives_on_one_node():
 
 SHIPPED_FITS = [ROOT / "bench" / "results" / "plan_validate_v2.json"]
 PREVIOUS_VALIDATION = ROOT / "bench" / "results" / "plan_validate.json"  # its 13 configs are calibration now
+PREVIOUS = [PREVIOUS_VALIDATION, ROOT / "bench" / "results" / "plan_validate_v2.json"]
 
 
 def bench(name: str):
@@ -106,25 +107,52 @@ def test_fit_respects_the_bounds():
     assert nnls(a, a @ np.array([1.0, 2.0, 0.5])) == pytest.approx([1.0, 2.0, 0.5], rel=1e-9)
 
 
+def _measured_configs(path: Path) -> dict:
+    runs = json.loads(path.read_text())["runs"]
+    return {label: load_config("gpu", [o for o in run["overrides"] if not o.startswith(("train.steps=", "run.log_every="))])
+            for label, run in runs.items()}
+
+
 def test_validation_lists():
-    """Calibration = the previous validation's 13 configs + train_e2e.py's 3; held-out: 12 or more others."""
+    """Calibration = v2's 13 held-out configs + train_e2e.py's 3 (+ 2 of v1's, last); the held-out configs
+    were never measured (none in plan_validate.json, plan_validate_v2.json or train_e2e.py, none retired),
+    span every dimension and fit in memory; the lists alternate."""
     pv = bench("plan_validate")
-    old = json.loads(PREVIOUS_VALIDATION.read_text())["runs"]
     configs = {label: load_config("gpu", o) for label, o in pv.CALIBRATION.items()}
-    for label, run in old.items():
-        assert configs[label] == load_config("gpu", [o for o in run["overrides"]
-                                                     if not o.startswith(("train.steps=", "run.log_every="))])
+    v1, v2 = (_measured_configs(p) for p in PREVIOUS)
+    v2_held = {label for label, run in json.loads(PREVIOUS[1].read_text())["runs"].items() if run["set"] == "heldout"}
+    assert len(v2_held) == 13 and all(configs[label] == v2[label] for label in v2_held)
     for name, overrides in TRAIN_E2E_CONFIGS.items():
         assert configs[name] == load_config("gpu", overrides)
-    assert len(pv.CALIBRATION) == 16
+    assert 16 <= len(configs) <= 18 and list(configs)[16:] == [label for label in configs if label in v1]
+    used = [*configs.values(), *v1.values(), *v2.values(), *(load_config("gpu", o) for o in pv.RETIRED.values())]
+    assert {label for label in v1} | {label for label in v2} == set(configs) | set(pv.RETIRED)
     held = {label: load_config("gpu", o) for label, o in pv.HELDOUT.items()}
-    assert len(held) >= 12 and not any(c == h for c in configs.values() for h in held.values())
-    for field in ("model.dim", "model.num_experts", "model.top_k", "model.ffn_dim", "train.seq_len",
-                  "train.global_batch", "model.n_layers", "model.vocab_size", "train.activation_checkpointing"):
+    assert len(held) >= 13 and not any(u == h for u in used for h in held.values())
+    for field, low, high in (("model.dim", 512, 4096), ("model.num_experts", 8, 64), ("model.top_k", 1, 8),
+                             ("model.ffn_dim", 512, 14336), ("train.seq_len", 512, 8192),
+                             ("model.vocab_size", 8192, 65536)):
         section, key = field.split(".")
-        assert len({getattr(getattr(c, section), key) for c in held.values()}) >= 3, field
+        values = {getattr(getattr(c, section), key) for c in held.values()}
+        assert min(values) == low and max(values) == high and len(values) >= 4, (field, values)
+    for field in ("train.global_batch", "model.n_layers"):
+        section, key = field.split(".")
+        assert len({getattr(getattr(c, section), key) for c in held.values()}) >= 4, field
+    assert {c.train.activation_checkpointing for c in held.values()} == {"none", "moe", "full"}
+    assert sum(c.train.seq_len >= 4096 for c in held.values()) >= 4
+    assert sum(c.model.num_experts >= 32 and c.model.ffn_dim <= 1024 for c in held.values()) >= 3
     order = pv.selected("all")
     assert [s for s, _, _ in order[:4]] == ["calibration", "heldout"] * 2 and len(order) == len(configs) + len(held)
+    assert {s for s, _, _ in order[:2 * len(held)]} == {"calibration", "heldout"}
+
+
+def test_validation_configs_fit_the_gpu():
+    """Predicted allocated peak (within 8 % on v2) at most 80 GiB of the H200's 139: room for the error and
+    for a timed run's memory the allocator has not yet returned when the profile's Trainer is built."""
+    pv = bench("plan_validate")
+    predict = bench("plan_report").predict
+    for label, overrides in {**pv.CALIBRATION, **pv.HELDOUT}.items():
+        assert predict(overrides, H200_CONSTANTS)["memory_gib"] < 80, label
 
 
 def test_calibration_configs_are_the_benchmarks():
