@@ -1,9 +1,11 @@
 """Shared by the bench scripts: run one measurement in a child process and read back its JSON result,
 a line `RESULT {...}` on stdout (a child's own CUDA state, imports and crashes stay out of the parent),
-and a single-process Trainer warmed up for a steady-state look at its steps."""
+a single-process Trainer warmed up for a steady-state look at its steps (or train()'s own, kept open past
+its end), and a profiled window of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -38,3 +40,42 @@ def warm_trainer(cfg, steps: int):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return trainer
+
+
+@contextlib.contextmanager
+def trainer_kept_open():
+    """Inside: `moemesh.train.loop.train` leaves its Trainer open when it returns (Trainer.close only
+    records it), so that further steps run on the same model, optimizer state and data stream without a
+    second build (~2 s a config); yields the list that receives it. On exit close is restored and the
+    kept Trainer closed (its batch thread stopped). The training run itself is unchanged."""
+    from moemesh.train.loop import Trainer
+
+    kept, close = [], Trainer.close
+
+    def keep(trainer) -> None:
+        kept.append(trainer)
+
+    Trainer.close = keep
+    try:
+        yield kept
+    finally:
+        Trainer.close = close
+        for trainer in kept:
+            trainer.close()
+
+
+def profile_steps(trainer, first: int, steps: int):
+    """Optimizer steps first..first+steps-1 under torch.profiler (host and, on a GPU, device activity:
+    device-only tracing misses kernels on the H200); returns (the profiler, the window's wall time in us)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for step in range(first, first + steps):
+            trainer.step(step)
+        if cuda:
+            torch.cuda.synchronize()
+        window_us = (time.perf_counter() - t0) * 1e6
+    return prof, window_us

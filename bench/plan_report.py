@@ -1,17 +1,21 @@
 """Offline evaluation of `moemesh plan` against bench/plan_validate.py's measurements, on CPU:
 
-  1. fit the constants on the runs of set 'calibration' only (plan/cost.py:fit_runs), or take the
-     shipped ones (--constants shipped);
+  1. fit the constants on the runs of set 'calibration' only, one term at a time against its kernel
+     class's measured time (plan/cost.py:fit_runs; needs format 3, which has a profile per run), or take
+     the shipped ones (--constants shipped: any format);
   2. predict every run with the current planner (the candidate `moemesh plan --gpus 1` ranks for the
-     config at (dp, ep, tp) = (1, 1, 1) with its checkpointing mode): step time and the allocated peak
-     that torch.cuda.max_memory_allocated measures (the CUDA context is not in it);
+     config at (dp, ep, tp) = (1, 1, 1) with its checkpointing mode): step time, its terms, and the
+     allocated peak that torch.cuda.max_memory_allocated measures (the CUDA context is not in it);
   3. print, per set, predicted vs measured with relative errors (predicted / measured - 1) and the
-     summary: mean absolute and worst error, memory worst, Spearman and pairwise ranking agreement.
+     summary: mean absolute and worst error, memory worst, Spearman and pairwise ranking agreement; and,
+     where the runs were profiled, each term against its class (idle: the step time no kernel covers),
+     as milliseconds and as a share of the measured step (what the class's misfit costs the total).
 
     python bench/plan_report.py RESULTS.json [MORE.json ...] [--constants fit|shipped] [--out report.json]
 
-Runs of older files without a set (bench/results/plan_validate.json of the first validation,
-train_e2e.json) count as calibration.
+Older files (format 2, the first plan_validate.json, train_e2e.json: no profile; runs without a set count
+as calibration) give the step-time and memory tables with --constants shipped; fitting them is refused
+with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -77,13 +81,34 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def term_summary(rows: list[dict]) -> dict:
+    """Per compute term, over rows with measured terms: mean measured and predicted ms, mean absolute
+    misfit as a share of the measured step, the summed relative error, and the worst config."""
+    from moemesh.plan.cost import TERMS
+
+    rows = [r for r in rows if r.get("measured_terms_ms")]
+    out = {}
+    for term in TERMS if rows else ():
+        share = {r["label"]: (r["predicted_terms_ms"][term] - r["measured_terms_ms"][term]) / r["measured_step_ms"]
+                 for r in rows}
+        worst = max(share, key=lambda label: abs(share[label]))
+        measured = sum(r["measured_terms_ms"][term] for r in rows)
+        predicted = sum(r["predicted_terms_ms"][term] for r in rows)
+        out[term] = {"measured_ms_mean": measured / len(rows), "predicted_ms_mean": predicted / len(rows),
+                     "mae_share_of_step": statistics.fmean(abs(v) for v in share.values()),
+                     "sum_error": predicted / measured - 1 if measured > 0 else None,
+                     "worst_config": worst, "worst_share_of_step": share[worst]}
+    return out
+
+
 def report(paths: list[Path], constants_choice: str = "fit") -> dict:
-    from moemesh.plan.cost import GPUS, H200_CONSTANTS, fit_runs, load_runs
+    from moemesh.plan.cost import GPUS, H200_CONSTANTS, TERMS, fit_runs, load_runs
 
     runs = [r for p in paths for r in load_runs(p)]
     calibration = [r for r in runs if r.set == "calibration"]
-    constants = (fit_runs(calibration, GPUS["h200"], source="fitted to the calibration runs of "
-                          + " + ".join(map(str, paths))) if constants_choice == "fit" else H200_CONSTANTS)
+    names = " + ".join(map(str, paths))
+    constants = (fit_runs(calibration, GPUS["h200"], names)
+                 if constants_choice == "fit" else H200_CONSTANTS)
     rows = []
     for r in runs:
         p = predict(r.overrides, constants)
@@ -92,11 +117,28 @@ def report(paths: list[Path], constants_choice: str = "fit") -> dict:
                "predicted_step_ms": p["step_ms"], "err_step": p["step_ms"] / (r.step_s * 1e3) - 1,
                "measured_memory_gib": r.memory_gib, "predicted_memory_gib": p["memory_gib"],
                "err_memory": p["memory_gib"] / r.memory_gib - 1 if r.memory_gib else None,
-               "predicted_terms_ms": p["terms_ms"]}
+               "predicted_terms_ms": p["terms_ms"],
+               "measured_terms_ms": {t: r.term_s(t) * 1e3 for t in TERMS} if r.kernel_s is not None else None}
         rows.append(row)
     sets = sorted({r["set"] for r in rows})
     return {"files": [str(p) for p in paths], "constants": {k: v for k, v in vars(constants).items()},
-            "rows": rows, "summary": {s: summarize([r for r in rows if r["set"] == s]) for s in sets}}
+            "fitted_runs": sum(r.kernel_s is not None for r in calibration) if constants_choice == "fit" else 0,
+            "rows": rows, "summary": {s: summarize([r for r in rows if r["set"] == s]) for s in sets},
+            "terms": {s: term_summary([r for r in rows if r["set"] == s]) for s in sets}}
+
+
+def _terms_table(rows: list[dict]) -> list[str]:
+    from moemesh.plan.cost import TERMS
+
+    rows = [r for r in rows if r.get("measured_terms_ms")]
+    if not rows:
+        return []
+    lines = ["", "measured / predicted ms per step, by term (idle: the step time no kernel covers)", "",
+             "| config | " + " | ".join(TERMS) + " |", "|---|" + "---|" * len(TERMS)]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(f"{r['measured_terms_ms'][t]:.1f} / {r['predicted_terms_ms'][t]:.1f}"
+                                                       for t in TERMS) + " |")
+    return lines
 
 
 def format_report(rep: dict) -> str:
@@ -106,7 +148,8 @@ def format_report(rep: dict) -> str:
         lines += ["", f"## {name} ({summary['n']} configs)", "",
                   "| config | ckpt | measured ms | predicted ms | error | measured GiB | predicted GiB | error |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rep["rows"] if r["set"] == name):
+        rows = [r for r in rep["rows"] if r["set"] == name]
+        for r in rows:
             mm = f"{r['measured_memory_gib']:.2f}" if r["measured_memory_gib"] else "-"
             em = f"{r['err_memory']:+.1%}" if r["err_memory"] is not None else "-"
             lines.append(f"| {r['label']} | {r['ckpt']} | {r['measured_step_ms']:.1f} | {r['predicted_step_ms']:.1f} | "
@@ -122,6 +165,14 @@ def format_report(rep: dict) -> str:
                 lines.append(f"ranking: Spearman {s['spearman_step']:.3f}, pairwise agreement "
                              f"{s['pairwise_agreement_step']:.1%} ({len(s['discordant_pairs'])} discordant pairs)")
             lines.append("targets met: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in s["met"].items()))
+        lines += _terms_table(rows)
+        if rep["terms"].get(name):
+            lines += ["", "| term | measured ms (mean) | predicted ms (mean) | summed error | misfit, mean abs "
+                          "(share of step) | worst (share of step) |", "|---|---|---|---|---|---|"]
+        for term, t in rep["terms"].get(name, {}).items():
+            err = f"{t['sum_error']:+.1%}" if t["sum_error"] is not None else "-"
+            lines.append(f"| {term} | {t['measured_ms_mean']:.1f} | {t['predicted_ms_mean']:.1f} | {err} | "
+                         f"{t['mae_share_of_step']:.1%} | {t['worst_share_of_step']:+.1%} ({t['worst_config']}) |")
     return "\n".join(lines)
 
 

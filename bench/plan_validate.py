@@ -1,22 +1,33 @@
 """Measurements for calibrating and validating `moemesh plan` on one GPU (issue 9), in one device call.
 
 Two disjoint lists of single-GPU configs (the `gpu` preset with overrides):
-  CALIBRATION  the 13 configs of the previous held-out run plus bench/train_e2e.py's three (gpu preset,
-               Mixtral-shaped, fine-grained): the planner's constants are fitted on these only;
-  HELDOUT      13 new configs, none in CALIBRATION, that vary dim, experts, top-k, ffn, sequence length,
-               batch, layers, vocabulary and activation checkpointing: the validation.
-Each config trains a few steps in its own child process (bench/child.py; `moemesh.train.loop.train`
-in-process, `run.checkpoints=false`). Measured: step time = tokens per step / median tokens/s of the logged
-windows after warm-up (metrics.jsonl), peak memory = `torch.cuda.max_memory_allocated`, plus what the
-child knows (windows, start-up time, loss). The script saves MEASUREMENTS only; predictions and the fit
-are offline, on CPU, with the planner of the moment:
+  CALIBRATION  the 13 held-out configs of the previous validation (plan_validate_v2.json: evaluated once,
+               so spent as a test), bench/train_e2e.py's three (gpu preset, Mixtral-shaped, fine-grained) and
+               two earlier calibration configs last, run only if time is left: the constants are fitted on these;
+  HELDOUT      13 configs never measured before (none in CALIBRATION, RETIRED or train_e2e.py), across dim,
+               experts, top-k, ffn, sequence length, batch, layers, vocabulary and checkpointing, with
+               long sequences and many small experts (the previous model's misses): the validation.
+Each config runs in its own child process (bench/child.py):
+  1. the timed run: `moemesh.train.loop.train` in-process, STEPS steps, `run.checkpoints=false`; step time
+     = tokens per step / median tokens/s of the logged windows after WARMUP steps (metrics.jsonl), peak
+     memory = `torch.cuda.max_memory_allocated`, plus start-up time and loss;
+  2. the profile: PROFILE_STEPS further steps of the timed run's Trainer (kept open past train()'s end:
+     bench/child.py:trainer_kept_open) under torch.profiler, host and device activity: GPU milliseconds and
+     kernel count per step for each kernel class (moemesh/plan/kernels.py: gemm, grouped_gemm, attention,
+     elementwise, head, optimizer), idle = window - the union of the kernels' intervals, and the 12
+     largest kernels by name (so the classification can be checked and redone offline). A failed profile
+     leaves the timed run's numbers. (The fit takes idle as the timed step minus the summed kernel time:
+     the timed run syncs at every logged step, and host tracing slows the profiled window's host side.)
+The script saves MEASUREMENTS only; predictions and the fit are offline, on CPU, with the planner of the
+moment:
 
-    PYTHONPATH=src python3 bench/plan_validate.py --which all --out $OUT      # one H200, <= 9 min
+    PYTHONPATH=src python3 bench/plan_validate.py --which all --out $OUT      # one H200, ~8.5 min
     PYTHONPATH=src python bench/plan_validate.py --cpu-dry-run --which all --limit 2 --out /tmp/pv
     moemesh plan gpu --gpus 1 --calibrate $OUT/plan_validate.json --json     # fit on 'calibration' only
     python bench/plan_report.py $OUT/plan_validate.json                     # fit + held-out tables
 
-Runs alternate between the two lists, so that a run cut short by the deadline still has some of both.
+Runs alternate between the two lists, so that a run cut short by the deadline still has some of both;
+the calibration list is the longer one, so its tail runs after the last held-out config.
 """
 
 from __future__ import annotations
@@ -31,11 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_child as run_child_process  # bench/child.py (bench/ is on sys.path when run as a script)
+from child import profile_steps, run_child as run_child_process, trainer_kept_open, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, WARMUP, LOG_EVERY = 12, 6, 2  # 3 windows of 2 steps after 6 warm-up steps (the last run's windows agreed within 1-3 %)
-DEADLINE_S = 420  # start no new run after this many seconds: with the longest run (~30 s) the script stays under 8 min
+STEPS, WARMUP, LOG_EVERY = 12, 6, 2  # 3 windows of 2 steps after 6 warm-up steps (v2's windows agreed within 1-3 %)
+PROFILE_STEPS = 2  # profiled after the timed run, on its Trainer
+PROFILE_WARMUP = 2  # only if train() did not hand its Trainer over: a new one, in a warm process
+# Expected ~16.4 s per config, ~510 s for all 31 (v2's wall_s per config, 13.7 s on average, plus the
+# profile: 2 steps x 1.3 and ~1 s + 0.2 s per layer of profiler start, stop and event processing; new
+# configs at 12 s + 12 steps of 1.3 x the planner's step time); docs/planner.md has the sum. No run starts
+# after DEADLINE_S and a running child is stopped at STOP_S, so the script ends by 8.5 min: an overrun costs
+# the calibration list's tail (the held-out configs are done by ~430 s).
+DEADLINE_S, STOP_S = 485, 510
+FORMAT = "moemesh plan_validate 3"  # 2: no profile; 3: a per-class profile per run
 
 
 def shape(dim, experts, top_k, ffn, layers, seq, batch, ckpt="none", heads=None, kv=None, vocab=None):
@@ -47,14 +66,34 @@ def shape(dim, experts, top_k, ffn, layers, seq, batch, ckpt="none", heads=None,
     return o + ([f"model.vocab_size={vocab}"] if vocab else [])
 
 
-# label -> overrides on the `gpu` preset (vocab 8192 unless set). The first 13 are the previous
-# validation's configs (bench/results/plan_validate.json of 2026-11-29), the last 3 bench/train_e2e.py's.
+# label -> overrides on the `gpu` preset (vocab 8192 unless set). The "h-" configs were v2's held-out set
+# (labels kept, so rows compare across files); the list's order is the run order, the two of v1/v2's
+# calibration at its end run only if time is left.
 CALIBRATION = {
+    "h-d1024-e64-k4-f704-L6-s4096-b4-full": shape(1024, 64, 4, 704, 6, 4096, 4, "full"),
+    "mixtral-shaped": shape(4096, 8, 2, 14336, 2, 4096, 4, heads=32, kv=8, vocab=32000),
+    "h-d2048-e8-k2-f5632-L4-s8192-b2-moe": shape(2048, 8, 2, 5632, 4, 8192, 2, "moe"),
+    "fine-grained": shape(2048, 64, 6, 1408, 6, 4096, 4, heads=16, kv=4, vocab=32000),
+    "h-d1024-e32-k2-f1024-L8-s2048-b8-v16k": shape(1024, 32, 2, 1024, 8, 2048, 8, vocab=16384),
+    "gpu-preset": [],
+    "h-d2048-e32-k8-f768-L4-s1024-b16-v64k": shape(2048, 32, 8, 768, 4, 1024, 16, vocab=65536),
+    "h-d1024-e16-k1-f2816-L8-s512-b128-full": shape(1024, 16, 1, 2816, 8, 512, 128, "full"),
+    "h-d512-e8-k2-f1536-L16-s1024-b64": shape(512, 8, 2, 1536, 16, 1024, 64, heads=4, kv=2),
+    "h-d4096-e8-k2-f11008-L2-s2048-b4-v32k": shape(4096, 8, 2, 11008, 2, 2048, 4, heads=32, kv=8, vocab=32000),
+    "h-d2048-e16-k4-f1408-L6-s2048-b8-v32k-moe": shape(2048, 16, 4, 1408, 6, 2048, 8, "moe", vocab=32000),
+    "h-d3072-e8-k2-f8192-L2-s1024-b16-moe": shape(3072, 8, 2, 8192, 2, 1024, 16, "moe", kv=8),
+    "h-d1536-e16-k2-f3072-L6-s2048-b16-full": shape(1536, 16, 2, 3072, 6, 2048, 16, "full"),
+    "h-d768-e16-k2-f2048-L12-s1024-b32": shape(768, 16, 2, 2048, 12, 1024, 32, heads=6, kv=2),
+    "h-d2560-e8-k1-f6912-L3-s2048-b8-v16k": shape(2560, 8, 1, 6912, 3, 2048, 8, heads=20, kv=4, vocab=16384),
+    "h-d1536-e8-k2-f4096-L4-s1024-b24": shape(1536, 8, 2, 4096, 4, 1024, 24),
+    "d2048-e32-k4-f1408-s4096-b4": shape(2048, 32, 4, 1408, 4, 4096, 4),
+    "d1024-e64-k8-f512-s1024-b16": shape(1024, 64, 8, 512, 6, 1024, 16),
+}
+# v1/v2's other calibration configs: no longer run, kept so that no held-out config repeats one.
+RETIRED = {
     "d1024-e16-k2-s2048-b16": shape(1024, 16, 2, 2816, 8, 2048, 16),
     "d1024-e8-k1-s1024-b64": shape(1024, 8, 1, 2816, 6, 1024, 64),
-    "d1024-e64-k8-f512-s1024-b16": shape(1024, 64, 8, 512, 6, 1024, 16),
     "d2048-e8-k2-s2048-b8": shape(2048, 8, 2, 5632, 4, 2048, 8),
-    "d2048-e32-k4-f1408-s4096-b4": shape(2048, 32, 4, 1408, 4, 4096, 4),
     "d3072-e16-k2-f4096-s2048-b8": shape(3072, 16, 2, 4096, 2, 2048, 8, kv=8),
     "d4096-e16-k1-f4096-s1024-b16": shape(4096, 16, 1, 4096, 2, 1024, 16, kv=8),
     "d1536-e64-k6-f768-s1024-b32-v32k": shape(1536, 64, 6, 768, 4, 1024, 32, vocab=32000),
@@ -63,27 +102,27 @@ CALIBRATION = {
     "d1024-e8-k2-s1024-b48-full": shape(1024, 8, 2, 2816, 6, 1024, 48, "full"),
     "d4096-e32-k8-f1024-s2048-b4-moe": shape(4096, 32, 8, 1024, 2, 2048, 4, "moe", kv=8),
     "d2048-e16-k2-f2816-s1024-b32-moe": shape(2048, 16, 2, 2816, 4, 1024, 32, "moe"),
-    "gpu-preset": [],
-    "mixtral-shaped": shape(4096, 8, 2, 14336, 2, 4096, 4, heads=32, kv=8, vocab=32000),
-    "fine-grained": shape(2048, 64, 6, 1408, 6, 4096, 4, heads=16, kv=4, vocab=32000),
 }
+# Never measured. Long sequences (4096-8192) and many small experts (32-64 of ffn 512-1024) are where the
+# previous model missed most; every one fits in < 60 GiB by the memory model (within 8 % on v2).
 HELDOUT = {
-    "h-d1024-e32-k2-f1024-L8-s2048-b8-v16k": shape(1024, 32, 2, 1024, 8, 2048, 8, vocab=16384),
-    "h-d1536-e8-k2-f4096-L4-s1024-b24": shape(1536, 8, 2, 4096, 4, 1024, 24),
-    "h-d2048-e16-k4-f1408-L6-s2048-b8-v32k-moe": shape(2048, 16, 4, 1408, 6, 2048, 8, "moe", vocab=32000),
-    "h-d768-e16-k2-f2048-L12-s1024-b32": shape(768, 16, 2, 2048, 12, 1024, 32, heads=6, kv=2),
-    "h-d2560-e8-k1-f6912-L3-s2048-b8-v16k": shape(2560, 8, 1, 6912, 3, 2048, 8, heads=20, kv=4, vocab=16384),
-    "h-d1024-e64-k4-f704-L6-s4096-b4-full": shape(1024, 64, 4, 704, 6, 4096, 4, "full"),
-    "h-d3072-e8-k2-f8192-L2-s1024-b16-moe": shape(3072, 8, 2, 8192, 2, 1024, 16, "moe", kv=8),
-    "h-d2048-e32-k8-f768-L4-s1024-b16-v64k": shape(2048, 32, 8, 768, 4, 1024, 16, vocab=65536),
-    "h-d1536-e16-k2-f3072-L6-s2048-b16-full": shape(1536, 16, 2, 3072, 6, 2048, 16, "full"),
-    "h-d512-e8-k2-f1536-L16-s1024-b64": shape(512, 8, 2, 1536, 16, 1024, 64, heads=4, kv=2),
-    "h-d4096-e8-k2-f11008-L2-s2048-b4-v32k": shape(4096, 8, 2, 11008, 2, 2048, 4, heads=32, kv=8, vocab=32000),
-    "h-d2048-e8-k2-f5632-L4-s8192-b2-moe": shape(2048, 8, 2, 5632, 4, 8192, 2, "moe"),
-    "h-d1024-e16-k1-f2816-L8-s512-b128-full": shape(1024, 16, 1, 2816, 8, 512, 128, "full"),
+    "n-d1024-e64-k8-f512-L4-s4096-b4-moe": shape(1024, 64, 8, 512, 4, 4096, 4, "moe"),
+    "n-d512-e16-k2-f512-L8-s2048-b32": shape(512, 16, 2, 512, 8, 2048, 32, heads=4, kv=1),
+    "n-d2048-e64-k4-f1024-L4-s8192-b2": shape(2048, 64, 4, 1024, 4, 8192, 2),
+    "n-d4096-e8-k1-f14336-L2-s1024-b16-v16k": shape(4096, 8, 1, 14336, 2, 1024, 16, heads=32, kv=8, vocab=16384),
+    "n-d3072-e32-k4-f2048-L2-s4096-b4-full": shape(3072, 32, 4, 2048, 2, 4096, 4, "full", kv=8),
+    "n-d1536-e48-k6-f640-L6-s2048-b8": shape(1536, 48, 6, 640, 6, 2048, 8, kv=3),
+    "n-d768-e8-k1-f3072-L10-s1024-b48-v48k": shape(768, 8, 1, 3072, 10, 1024, 48, heads=6, kv=2, vocab=49152),
+    "n-d2048-e16-k2-f4096-L4-s512-b64-moe": shape(2048, 16, 2, 4096, 4, 512, 64, "moe"),
+    "n-d1024-e32-k4-f1536-L6-s8192-b2-full": shape(1024, 32, 4, 1536, 6, 8192, 2, "full"),
+    "n-d2560-e16-k2-f1792-L4-s2048-b8-v64k": shape(2560, 16, 2, 1792, 4, 2048, 8, heads=20, kv=4, vocab=65536),
+    "n-d512-e64-k6-f768-L8-s1024-b32": shape(512, 64, 6, 768, 8, 1024, 32, heads=4, kv=1),
+    "n-d4096-e16-k1-f8192-L2-s1024-b8-moe": shape(4096, 16, 1, 8192, 2, 1024, 8, "moe", kv=8),
+    "n-d1536-e8-k4-f2560-L6-s4096-b4-v32k": shape(1536, 8, 4, 2560, 6, 4096, 4, kv=3, vocab=32000),
 }
-assert not set(CALIBRATION) & set(HELDOUT)
-assert not {tuple(o) for o in CALIBRATION.values()} & {tuple(o) for o in HELDOUT.values()}
+_USED = {**CALIBRATION, **RETIRED}
+assert not set(_USED) & set(HELDOUT) and not set(CALIBRATION) & set(RETIRED)
+assert not {tuple(o) for o in _USED.values()} & {tuple(o) for o in HELDOUT.values()}
 DRY = ["train.device=cpu", "train.dtype=float32", "model.n_layers=1", "model.dim=64", "model.ffn_dim=128",
        "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256", "model.num_experts=4", "model.top_k=2",
        "model.max_seq_len=64", "train.seq_len=64", "train.global_batch=2"]
@@ -101,7 +140,7 @@ def selected(which: str) -> list[tuple[str, str, list[str]]]:
 
 
 def child(args) -> None:
-    """One training run in this process; prints one RESULT JSON line."""
+    """One config in this process: the timed run, then the profile; prints one RESULT JSON line."""
     import torch
 
     from moemesh.config import load_config
@@ -109,20 +148,49 @@ def child(args) -> None:
 
     cfg = load_config("gpu", [*json.loads(args.overrides), f"run.dir={args.run_dir}", "run.progress=false",
                               "run.tensorboard=false", "run.checkpoints=false"])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    summary = train(cfg)
-    total = time.perf_counter() - started
-    records = [json.loads(line) for line in open(Path(args.run_dir) / "metrics.jsonl")]
-    steady = [r["tokens_per_s"] for r in records if r["step"] > args.warmup] or [records[-1]["tokens_per_s"]]
     cuda = torch.cuda.is_available()
-    out = {"tokens_per_s": statistics.median(steady), "windows": len(steady),
-           "tokens_per_s_windows": steady, "startup_s": total - summary["elapsed_s"],
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-           "final_lm_loss": summary["final_lm_loss"]}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with trainer_kept_open() as kept:
+        started = time.perf_counter()
+        summary = train(cfg)
+        total = time.perf_counter() - started
+        records = [json.loads(line) for line in open(Path(args.run_dir) / "metrics.jsonl")]
+        steady = [r["tokens_per_s"] for r in records if r["step"] > args.warmup] or [records[-1]["tokens_per_s"]]
+        out = {"tokens_per_s": statistics.median(steady), "windows": len(steady),
+               "tokens_per_s_windows": steady, "startup_s": total - summary["elapsed_s"],
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+               "final_lm_loss": summary["final_lm_loss"]}
+        started = time.perf_counter()
+        try:
+            out["profile"] = profile_classes(cfg, kept)
+        except Exception as exc:  # the timed run's numbers stand without it
+            out["profile"] = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+        out["profile_s"] = time.perf_counter() - started
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def profile_classes(cfg, kept: list) -> dict:
+    """GPU time per kernel class of PROFILE_STEPS further steps of the timed run's Trainer (steady state:
+    it has run cfg.train.steps steps); a fresh one warmed up for PROFILE_WARMUP steps if train() did not
+    hand it over."""
+    import gc
+
+    from moemesh.parallel.comm_profile import from_kineto
+    from moemesh.plan.kernels import class_profile
+
+    same = bool(kept)
+    if same:
+        trainer, first = kept[-1], cfg.train.steps + 1
+    else:
+        gc.collect()  # the timed run's model, before a second one is built
+        trainer, first = warm_trainer(cfg, PROFILE_WARMUP), PROFILE_WARMUP + 1
+        kept.append(trainer)  # closed with the others
+    prof, window_us = profile_steps(trainer, first, PROFILE_STEPS)
+    events = from_kineto(prof.profiler.kineto_results.events())
+    kernels = [(e.name, e.start_us, e.end_us) for e in events if e.on_device and not e.user_annotation]
+    return {**class_profile(kernels, window_us, PROFILE_STEPS), "same_trainer": same}
 
 
 def run_child(overrides: list[str], run_dir: Path, warmup: int, timeout: float) -> dict:
@@ -140,6 +208,8 @@ def measure(label: str, overrides: list[str], runs_dir: Path, warmup: int, timeo
     row = {"overrides": overrides, "tokens_per_step": tokens}
     result = run_child(overrides, runs_dir / label, warmup, timeout)
     row["measured"] = result
+    if "profile" in result:
+        row["profile"] = result.pop("profile")
     if "tokens_per_s" in result:
         row["tokens_per_s"] = result["tokens_per_s"]
         row["measured_step_ms"] = tokens / result["tokens_per_s"] * 1e3
@@ -149,6 +219,13 @@ def measure(label: str, overrides: list[str], runs_dir: Path, warmup: int, timeo
     return row
 
 
+def _classes_line(row: dict) -> str:
+    prof = row.get("profile") or {}
+    if "classes" not in prof:
+        return prof.get("error", "")
+    return " ".join(f"{c} {v['ms']:.1f}" for c, v in prof["classes"].items()) + f" idle {prof['idle_ms']:.1f} ms"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
@@ -156,7 +233,8 @@ def main() -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny CPU configs: the plumbing only")
     parser.add_argument("--limit", type=int, default=0, help="at most this many configs per list (0: all)")
     parser.add_argument("--only", default="", help="comma-separated labels to run (default: all selected)")
-    parser.add_argument("--deadline-s", type=float, default=DEADLINE_S)
+    parser.add_argument("--deadline-s", type=float, default=DEADLINE_S, help="start no run after this many seconds")
+    parser.add_argument("--stop-s", type=float, default=STOP_S, help="stop a running child at this many seconds")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--overrides", default="[]")
     parser.add_argument("--run-dir")
@@ -176,11 +254,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     steps, warmup, log_every = (STEPS, WARMUP, LOG_EVERY) if not args.cpu_dry_run else (3, 1, 1)
     cuda = torch.cuda.is_available()
-    report = {"format": "moemesh plan_validate 2", "command": " ".join(sys.argv),
+    report = {"format": FORMAT, "command": " ".join(sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if cuda else None, "cpu_dry_run": args.cpu_dry_run,
               "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
               "steps": steps, "warmup_steps": warmup, "log_every": log_every, "cpus": os.cpu_count(),
+              "profile_warmup_steps": PROFILE_WARMUP, "profile_steps": PROFILE_STEPS,
               "layout": [1, 1, 1], "which": args.which, "runs": {}}
 
     def save():
@@ -204,10 +283,10 @@ def main() -> int:
             print(label, report["runs"][label]["error"], flush=True)
             continue
         row = {"set": name, **measure(label, overrides, runs_dir, warmup,
-                                      timeout=max(30.0, args.deadline_s + 60 - elapsed))}
+                                      timeout=max(30.0, args.stop_s - elapsed))}
         report["runs"][label] = row
         print(f"[{time.perf_counter() - t0:5.0f} s] {name} {label}: {row.get('measured_step_ms', float('nan')):.1f} ms "
-              f"{row.get('measured_memory_gib') or float('nan'):.2f} GiB {row.get('error', '')}",
+              f"{row.get('measured_memory_gib') or float('nan'):.2f} GiB {row.get('error', '')}", _classes_line(row),
               row["measured"].get("stderr", "")[-1500:], flush=True)
         save()
     save()

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import run_child as run_child_process, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
+from child import profile_steps, run_child as run_child_process, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 780.0
@@ -70,17 +70,11 @@ def child(args) -> None:
 def _profile(cfg, args) -> None:
     """Two profiled steps after warm-up; GPU time by kernel category and the idle share of the window."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from moemesh.parallel.comm_profile import union_us
 
     trainer = warm_trainer(cfg, 5)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for step in range(6, 8):
-            trainer.step(step)
-        torch.cuda.synchronize()
-        window_us = (time.perf_counter() - t0) * 1e6
+    prof, window_us = profile_steps(trainer, 6, 2)
     trainer.close()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by = {}

@@ -34,9 +34,11 @@ def test_plan_json(tmp_path: Path):
     (["gpu", "--gpus", "1", "--set", "model.n_layers=400"], "needs >= "),
     (["gpu", "--gpus", "1", "--calibrate", "nothere.json"], "no such file"),
     (["gpu", "--gpus", "1", "--calibrate", "bad.json"], "not a GPU benchmark of this project"),
+    (["gpu", "--gpus", "1", "--calibrate", "v2.json"], "no calibration run with kernel times per class"),
 ])
 def test_bad_input(tmp_path: Path, args, message):
     (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "v2.json").write_text((SRC.parent / "bench" / "results" / "plan_validate_v2.json").read_text())
     proc = moemesh("plan", *args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("moemesh: error: plan: ") and message in proc.stderr, proc.stderr
@@ -44,8 +46,9 @@ def test_bad_input(tmp_path: Path, args, message):
 
 
 def test_validation_dry_run_then_offline_report(tmp_path: Path):
-    """bench/plan_validate.py's plumbing on CPU (tiny configs, one per list, each in a child process),
-    then bench/plan_report.py on what it wrote."""
+    """bench/plan_validate.py's plumbing on CPU (tiny configs, one per list, each in a child process, each
+    profiled: no device kernels on a CPU, so every class is 0), then bench/plan_report.py on what it wrote,
+    with the shipped constants and with a fit."""
     bench = SRC.parent / "bench"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.run([sys.executable, str(bench / "plan_validate.py"), "--cpu-dry-run", "--which", "all",
@@ -54,10 +57,13 @@ def test_validation_dry_run_then_offline_report(tmp_path: Path):
     runs = json.loads((tmp_path / "plan_validate.json").read_text())["runs"]
     assert sorted(r["set"] for r in runs.values()) == ["calibration", "heldout"]
     assert all(r["measured_step_ms"] > 0 and "train.device=cpu" in r["overrides"] for r in runs.values())
-    proc = subprocess.run([sys.executable, str(bench / "plan_report.py"), str(tmp_path / "plan_validate.json"),
-                           "--constants", "shipped", "--out", str(tmp_path / "report.json")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["summary"]) == {"calibration", "heldout"} and len(report["rows"]) == 2
-    assert "## heldout (1 configs)" in proc.stdout
+    assert all(r["profile"]["same_trainer"] and r["profile"]["busy_ms"] == 0 and r["profile"]["window_ms"] > 0
+               and all(c["ms"] == 0 for c in r["profile"]["classes"].values()) for r in runs.values())
+    for constants in ("shipped", "fit"):
+        proc = subprocess.run([sys.executable, str(bench / "plan_report.py"), str(tmp_path / "plan_validate.json"),
+                               "--constants", constants, "--out", str(tmp_path / "report.json")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert set(report["summary"]) == {"calibration", "heldout"} and len(report["rows"]) == 2
+        assert "## heldout (1 configs)" in proc.stdout and "| idle |" in proc.stdout

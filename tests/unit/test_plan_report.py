@@ -1,5 +1,7 @@
-"""bench/plan_report.py on a small fixture: predictions of the current planner against made-up
-measurements whose errors and ranking agreement are known by construction."""
+"""bench/plan_report.py on small fixtures: predictions of the current planner against made-up
+measurements whose errors and ranking agreement are known by construction; a synthetic profiled file
+(kernel-class times from known constants) from which the report's fit recovers the constants and whose
+per-term and total errors are known."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import plan_report  # noqa: E402
-from plan_validate import HELDOUT  # noqa: E402
+from plan_validate import CALIBRATION, HELDOUT  # noqa: E402
+
+from tests.unit.test_plan import TRUTH, write_measurements  # noqa: E402
 
 
 @pytest.fixture
@@ -59,3 +63,42 @@ def test_report_bad_file(tmp_path: Path, capsys):
     (tmp_path / "x.json").write_text("[1]")
     assert plan_report.main([str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
+    """Calibration runs measured exactly as TRUTH predicts, held-out runs off by known factors (every term
+    and the step alike): the fit gives TRUTH back, calibration errors are 0, and each held-out row's step
+    and term errors are its factor's."""
+    from moemesh.plan.cost import PARAMS, TERMS
+
+    errors = {label: e for label, e in zip(list(HELDOUT)[:4], (0.10, -0.20, 0.05, 0.0))}
+    runs = {label: ("calibration", o, TRUTH, 1.0) for label, o in CALIBRATION.items()}
+    runs.update({label: ("heldout", HELDOUT[label], TRUTH, 1 / (1 + e)) for label, e in errors.items()})
+    write_measurements(tmp_path / "m.json", runs)
+    assert plan_report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for name in PARAMS:
+        assert rep["constants"][name] == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
+    assert rep["fitted_runs"] == len(CALIBRATION)
+    calibration, held = rep["summary"]["calibration"], rep["summary"]["heldout"]
+    assert calibration["n"] == len(CALIBRATION) and calibration["step_mae"] < 1e-9
+    assert all(t["mae_share_of_step"] < 1e-9 for t in rep["terms"]["calibration"].values())
+    assert held["step_mae"] == pytest.approx(0.0875) and held["step_worst"] == pytest.approx(-0.20)
+    for row in (r for r in rep["rows"] if r["set"] == "heldout"):
+        assert row["err_step"] == pytest.approx(errors[row["label"]], abs=1e-9)
+        for term in TERMS:
+            assert row["predicted_terms_ms"][term] == pytest.approx(row["measured_terms_ms"][term]
+                                                                    * (1 + errors[row["label"]]), rel=1e-9), term
+    out = capsys.readouterr().out
+    assert "measured / predicted ms per step, by term" in out and "| grouped_gemm |" in out
+
+
+def test_report_reads_the_previous_format(capsys):
+    """plan_validate_v2.json (no profile): evaluated with the shipped constants as before (its held-out MAE
+    11.6 %); a fit on it is refused in one line."""
+    v2 = ROOT / "bench" / "results" / "plan_validate_v2.json"
+    rep = plan_report.report([v2], "shipped")
+    assert rep["summary"]["heldout"]["step_mae"] == pytest.approx(0.116, abs=5e-4) and not rep["terms"]["heldout"]
+    assert plan_report.main([str(v2)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kernel times per class" in err

@@ -1,34 +1,45 @@
 """Step-time cost model of one training step on one rank, and its calibration.
 
-    t_step = t_gemm + t_attention + t_elementwise + t_head + t_optimizer + t_launch + t_tp + t_ep + t_dp
+    t_step = t_gemm + t_grouped_gemm + t_attention + t_elementwise + t_head + t_optimizer + t_idle
+             + t_tp + t_ep + t_dp
              (no overlap counted: the gradient all-reduce overlaps the backward pass by default
              (parallel.overlap_grad_reduce) and the expert all-to-all can (ep_overlap_chunks), but how much
              is unmeasured on GPUs, so t_dp and t_ep are added in full: an upper bound)
 
-  t_gemm        sum over GEMM classes of FLOPs / peak * (gemm_a + gemm_b * N0 / n): the inverse of a
-                shape-dependent efficiency e(n) = n / (gemm_a * n + gemm_b * N0), n the class's smallest GEMM
-                dim (rows per local expert, F/tp, D; tokens, D; tokens, V/tp, D), N0 = 1000. The fit keeps
-                gemm_a >= 1 and gemm_b >= 0, so no GEMM runs above the measured matmul peak.
-  t_attention   causal attention FLOPs / peak * c_attn (c_attn >= 1: flash attention below the matmul peak)
-  t_elementwise c_elem * bytes of the activations the non-GEMM kernels touch / copy bandwidth (norms,
-                rotary, SwiGLU, permutation and combine: T*D per layer plus K*T*D per MoE layer)
-  t_head        c_head * the fp32 logits' bytes (4*T*V/tp) / copy bandwidth: the logits' cast, the
-                cross-entropy's log-softmax and its backward; its own constant, since they move a different
-                number of bytes per byte than the layers' kernels
-  t_optimizer   c_opt * local parameters / copy bandwidth (the AdamW step over fp32 masters, gradient casts,
-                clipping, the copy back to bf16)
-  t_launch      c_layer * layers * 1 ms: per-layer fixed cost (kernel launches, host work) that no byte or
-                FLOP count sees
-  t_tp          per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
-                embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
-                tp <= GPUs per node, else on the inter-node link
-  t_ep          per MoE layer 4 token all-to-alls (dispatch and combine, forward and backward) of
-                K*T*D bf16 * imbalance, (n-1)/n of it leaves the rank; plus the count exchange's latency
-                and host sync
-  t_dp          fp32 gradient all-reduce: dense gradients over data x expert, expert gradients over data
+Each compute term models one kernel class of a profiled step (plan/kernels.py) and is fitted to THAT
+class's measured GPU time across the calibration configs (bench/plan_validate.py), t_idle to what is left
+of the measured step time; the symbols are the constants' names (`Constants` says what each means):
+
+  t_gemm         sum over dense GEMM classes of FLOPs / peak * (gemm_a + gemm_b * N0 / n), n the class's
+                 smallest dim: attention projections and dense/shared MLPs (tokens, D/tp), the router
+                 (E columns, counted as N_MIN), the output projection (tokens, V/tp, D)
+  t_grouped_gemm the experts: FLOPs / peak * (grouped_a + grouped_b * N0 / n), n = min(rows per local
+                 expert, F/tp, D), plus grouped_us per local expert per grouped GEMM (9 per MoE layer:
+                 3 forward, 3 data gradients, 3 weight gradients): the fixed cost of each expert's problem
+                 (its tiles' prologue and epilogue, partial tiles) that makes many small experts slow
+  t_attention    causal attention FLOPs / peak * (attn_a + attn_b * S0 / S): short sequences run a larger
+                 share of partial (diagonal) tiles
+  t_elementwise  bytes / copy bandwidth: elem_layer * 2*T*D per layer (norms, rotary, residual adds),
+                 elem_moe * 2*K*T*D per MoE layer (gather, combine, weighting), elem_ffn * 2*K*T*F/tp per MoE
+                 layer (the SwiGLU activation), elem_vocab * 2*T*V/tp (the logits' casts), plus elem_us per
+                 layer pass (small kernels: launch-bound, not byte-bound)
+  t_head         head_bytes * the fp32 logits' bytes (4*T*V/tp) / copy bandwidth: log-softmax and NLL,
+                 forward and backward
+  t_optimizer    opt_bytes per local parameter / copy bandwidth + opt_us per parameter tensor (one AdamW
+                 pass per tensor, the gradient norm)
+  t_idle         idle_layer_ms per layer + idle_step_ms per step: the device waiting for the host (launch
+                 gaps, the step's syncs); fitted to measured step time minus the summed kernel time
+  t_tp           per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
+                 embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
+                 tp <= GPUs per node, else on the inter-node link
+  t_ep           per MoE layer 4 token all-to-alls (dispatch and combine, forward and backward) of
+                 K*T*D bf16 * imbalance, (n-1)/n of it leaves the rank; plus the count exchange's latency
+                 and host sync
+  t_dp           fp32 gradient all-reduce: dense gradients over data x expert, expert gradients over data
 Activation checkpointing adds the recomputed forward: 1/3 of the MoE layers' GEMMs and elementwise bytes
-("moe") or of the blocks' ("full"), and their forward collectives. The model is linear in its seven
-constants, so `fit` is a (bounded) least-squares problem on relative error.
+("moe") or of the blocks' ("full"), and their forward collectives. Each term is linear in its constants,
+so `fit` solves one small bounded least-squares problem per term; the bounds keep every GEMM at or below
+the matmul peak and every byte term at or below the copy bandwidth (`PARAMS`).
 """
 
 from __future__ import annotations
@@ -40,12 +51,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moemesh.errors import UserError
+from moemesh.plan.kernels import CLASSES as KERNEL_CLASSES
 
-N0 = 1000.0  # GEMM size scale of the efficiency curve
+N0 = 1000.0  # GEMM size scale of the efficiency curves
 N_MIN = 128  # smaller GEMM dims (the router's E columns) count as this: they are latency, not throughput
+S0 = 1024.0  # sequence length scale of attention's efficiency curve
 LATENCY_S = {"intra": 15e-6, "inter": 30e-6}  # per collective call
 HOST_SYNC_S = 60e-6  # the EP count exchange's split sizes go to the host, once per MoE layer and pass
-TERMS = ("gemm", "attention", "elementwise", "head", "optimizer", "launch")
+TERMS = (*KERNEL_CLASSES, "idle")  # the compute terms: one per kernel class, and the device's idle time
+AGAIN = 1 / 3  # a recomputed forward, as a share of forward + backward
 
 
 @dataclass(frozen=True)
@@ -77,27 +91,86 @@ GPUS = {
 
 @dataclass(frozen=True)
 class Constants:
-    gemm_a: float  # 1 / efficiency of large GEMMs (>= 1)
-    gemm_b: float  # how fast efficiency falls with the smallest GEMM dim (>= 0)
-    c_attn: float  # 1 / efficiency of flash attention (>= 1)
-    c_elem: float  # effective bytes moved per activation byte by non-GEMM kernels
-    c_head: float  # effective bytes moved per fp32 logit byte (cast, log-softmax, cross-entropy, backward)
-    c_opt: float  # effective bytes moved per local parameter by the optimizer step
-    c_layer: float  # ms per layer per step of fixed cost
+    """The step-time model's constants, by term (fitted per term; lower bound in brackets). The byte
+    terms are effective bytes moved per byte of the named tensor, timed at the copy bandwidth: a bound of
+    1 (or the bytes the kernels must move) keeps them at or below it.
+
+    gemm_a        1 / efficiency of large dense GEMMs [1: at most the measured matmul peak]
+    gemm_b        dense GEMMs' small-dim penalty, + gemm_b * N0 / n to 1 / efficiency [0]
+    grouped_a     1 / efficiency of large grouped (expert) GEMMs [1]
+    grouped_b     grouped GEMMs' small-dim penalty, n = min(rows per local expert, F/tp, D) [0]
+    grouped_us    microseconds per local expert per grouped GEMM call [0]
+    attn_a        1 / efficiency of flash attention at long sequences [1]
+    attn_b        attention's short-sequence penalty, + attn_b * S0 / S to 1 / efficiency [0]
+    elem_layer    bytes per byte of each layer's bf16 activations T*D: norms, rotary, residual adds [0]
+    elem_moe      bytes per byte of each MoE layer's routed rows K*T*D: gather, weighting, combine [0]
+    elem_ffn      bytes per byte of each MoE layer's routed hidden rows K*T*F: the SwiGLU activation [0]
+    elem_vocab    bytes per byte of the bf16 logits T*V: their casts to and from fp32 [0]
+    elem_us       microseconds of launch-bound elementwise kernels per layer pass [0]
+    head_bytes    bytes per byte of the fp32 logits 4*T*V: log-softmax and NLL, forward and backward
+                  [2: one read and one write]
+    opt_bytes     bytes per local parameter of the optimizer phase [30: the one-pass AdamW moves 28 (bf16
+                  gradient and parameter, fp32 master and two moments read and written), the gradient
+                  norm reads the gradient (2)]
+    opt_us        microseconds per parameter tensor (one AdamW launch each) [0]
+    idle_layer_ms milliseconds the device waits for the host per layer per step [0]
+    idle_step_ms  milliseconds the device waits for the host per step [0]
+    """
+    gemm_a: float
+    gemm_b: float
+    grouped_a: float
+    grouped_b: float
+    grouped_us: float
+    attn_a: float
+    attn_b: float
+    elem_layer: float
+    elem_moe: float
+    elem_ffn: float
+    elem_vocab: float
+    elem_us: float
+    head_bytes: float
+    opt_bytes: float
+    opt_us: float
+    idle_layer_ms: float
+    idle_step_ms: float
     source: str = ""
 
     def gemm_efficiency(self, n: float) -> float:
         return n / (self.gemm_a * n + self.gemm_b * N0)
 
+    def grouped_efficiency(self, n: float) -> float:
+        return n / (self.grouped_a * n + self.grouped_b * N0)
 
-# Fitted by `fit` to the 16 calibration configs of bench/results/plan_validate_v2.json (1 x H200, the current
-# code: one-pass master step, gather dispatch); its 13 held-out configs are not used. docs/planner.md has
-# both tables. Some fitted values are not physical (c_opt is below the 28 bytes per parameter the optimizer
-# step moves; c_attn puts attention at ~11 % of peak; 5 ms per layer): the terms trade off against each
-# other, and the model is missing whatever makes long-sequence and small-expert configs slow.
-# Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE --json`.
-H200_CONSTANTS = Constants(gemm_a=1.1997, gemm_b=0.0, c_attn=9.422, c_elem=50.95, c_head=12.71, c_opt=7.893,
-                           c_layer=5.101, source="fitted to bench/results/plan_validate_v2.json (1 x H200)")
+    def attention_efficiency(self, seq_len: float) -> float:
+        return seq_len / (self.attn_a * seq_len + self.attn_b * S0)
+
+
+# constant -> (the term it belongs to, its lower bound); the order of `Constants`' fields
+PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
+          "grouped_a": ("grouped_gemm", 1.0), "grouped_b": ("grouped_gemm", 0.0), "grouped_us": ("grouped_gemm", 0.0),
+          "attn_a": ("attention", 1.0), "attn_b": ("attention", 0.0),
+          "elem_layer": ("elementwise", 0.0), "elem_moe": ("elementwise", 0.0), "elem_ffn": ("elementwise", 0.0),
+          "elem_vocab": ("elementwise", 0.0), "elem_us": ("elementwise", 0.0),
+          "head_bytes": ("head", 2.0),
+          "opt_bytes": ("optimizer", 30.0), "opt_us": ("optimizer", 0.0),
+          "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0)}
+LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
+
+# SHIPPED, until a fit of this model exists (docs/planner.md, "to be filled"): the previous model's fit to
+# the 16 calibration configs of bench/results/plan_validate_v2.json (1 x H200), written in this model's
+# constants. The previous model is this one with one GEMM curve for dense and grouped GEMMs, one byte
+# constant for layers and routed rows, no FFN/vocab/per-launch/per-tensor/per-expert/per-step terms, and
+# its per-layer constant as idle; attention's 9.422 was per 6*T*S*D FLOPs, here 7*T*S*D (the backward's
+# recomputed scores), hence 9.422 * 6/7. It predicts what the previous model did (a test checks it
+# against bench/results/plan_report_v2.json; held-out step MAE 11.6 %), and is not physical: attention at
+# 12 % of the peak, 7.9 optimizer bytes per parameter where the step moves 30 (below opt_bytes' bound),
+# 5 ms idle per layer.
+H200_CONSTANTS = Constants(gemm_a=1.1997, gemm_b=0.0, grouped_a=1.1997, grouped_b=0.0, grouped_us=0.0,
+                           attn_a=9.422 * 6 / 7, attn_b=0.0, elem_layer=50.95, elem_moe=50.95, elem_ffn=0.0,
+                           elem_vocab=0.0, elem_us=0.0, head_bytes=12.71, opt_bytes=7.893, opt_us=0.0,
+                           idle_layer_ms=5.101, idle_step_ms=0.0,
+                           source="previous model's fit to bench/results/plan_validate_v2.json (1 x H200), "
+                                  "expressed in this model's constants; to be replaced by a fit of this model")
 
 
 def _interp(table, size_mb: float) -> float:
@@ -131,6 +204,7 @@ class Shape:
     dense_ffn_params: int  # one dense layer's SwiGLU
     shared_params: int  # one MoE layer's shared experts
     local_params: int
+    param_tensors: int  # parameter tensors per rank (the optimizer's launches)
     dense_grad_elems: int  # local elements all-reduced over data x expert
     expert_grad_elems: int  # over data
 
@@ -149,38 +223,47 @@ class StepTime:
 
 
 def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, imbalance: float) -> dict[str, float]:
-    """The step's work in the units the constants multiply (seconds at constant 1), linear in them:
-    gemm (x gemm_a), gemm_small (x gemm_b), attention (x c_attn), elementwise (x c_elem), head (x c_head),
-    optimizer (x c_opt), launch (x c_layer)."""
+    """Per constant, the seconds its part of a term takes at constant 1 (every term is the sum of its
+    constants times these)."""
     s = shape
     peak = gpu.peak_tflops * 1e12
     bw = gpu.copy_gbs * 1e9
     rho = imbalance if ep > 1 else 1.0
-    again = 1 / 3  # a recomputed forward: a third of forward + backward
-    moe_again = again if recompute in ("moe", "full") else 0.0
-    block_again = again if recompute == "full" else 0.0
+    moe_again = AGAIN if recompute in ("moe", "full") else 0.0
+    block_again = AGAIN if recompute == "full" else 0.0
+    moe_passes = s.num_moe * (1 + moe_again)  # MoE layer passes (forward + backward = 1)
     rows_per_expert = s.tokens * s.top_k * ep / s.num_experts * rho
     n_dense = max(min(s.tokens, s.dim // tp, s.dim), N_MIN)
-    classes = [  # (training FLOPs, smallest dim): experts, attention projections + dense/shared MLPs, router, head
-        (6 * s.tokens * s.top_k * 3 * s.dim * s.ffn_dim / tp * rho * s.num_moe * (1 + moe_again),
-         max(min(rows_per_expert, s.ffn_dim / tp, s.dim), N_MIN)),
+    dense = [  # (training FLOPs, smallest dim): attention projections + dense/shared MLPs, router, head
         (6 * s.tokens * (s.attn_params * s.n_layers + s.dense_ffn_params * (s.n_layers - s.num_moe)) / tp
-         * (1 + block_again) + 6 * s.tokens * s.shared_params * s.num_moe / tp * (1 + moe_again), n_dense),
-        (6 * s.tokens * s.dim * s.num_experts * s.num_moe * (1 + moe_again), N_MIN),
+         * (1 + block_again) + 6 * s.tokens * s.shared_params * moe_passes / tp, n_dense),
+        (6 * s.tokens * s.dim * s.num_experts * moe_passes, N_MIN),
         (6 * s.tokens * s.vocab * s.dim / tp, max(min(s.tokens, s.vocab // tp, s.dim), N_MIN)),
     ]
-    attn = 6 * s.tokens * s.seq_len * s.dim * s.n_layers / tp * (1 + block_again)
-    layer_bytes = 2 * s.tokens * s.dim * s.n_layers * (1 + block_again)
-    moe_bytes = 2 * s.tokens * s.top_k * s.dim * s.num_moe * rho * (1 + moe_again)
-    return {"gemm": sum(f for f, _ in classes) / peak, "gemm_small": sum(f * N0 / n for f, n in classes) / peak,
-            "attention": attn / peak, "elementwise": (layer_bytes + moe_bytes) / bw,
-            "head": 4 * s.tokens * s.vocab / tp / bw, "optimizer": s.local_params / bw, "launch": s.n_layers * 1e-3}
+    grouped = 6 * s.tokens * s.top_k * 3 * s.dim * s.ffn_dim / tp * rho * moe_passes
+    n_grouped = max(min(rows_per_expert, s.ffn_dim / tp, s.dim), N_MIN)
+    # flash attention runs 7 causal T*S*D products: 2 forward, 5 backward (the scores recomputed)
+    attn = 7 * s.tokens * s.seq_len * s.dim * s.n_layers / tp * (1 + block_again)
+    layer_passes = s.n_layers * (1 + block_again) + s.num_moe * (moe_again - block_again)
+    routed = 2 * s.tokens * s.top_k * rho * moe_passes  # bf16 bytes per routed column, all MoE layer passes
+    return {"gemm_a": sum(f for f, _ in dense) / peak, "gemm_b": sum(f * N0 / n for f, n in dense) / peak,
+            "grouped_a": grouped / peak, "grouped_b": grouped * N0 / n_grouped / peak,
+            "grouped_us": 9 * (s.num_experts // ep) * moe_passes * 1e-6,
+            "attn_a": attn / peak, "attn_b": attn * S0 / s.seq_len / peak,
+            "elem_layer": 2 * s.tokens * s.dim * s.n_layers * (1 + block_again) / bw,
+            "elem_moe": routed * s.dim / bw, "elem_ffn": routed * s.ffn_dim / tp / bw,
+            "elem_vocab": 2 * s.tokens * s.vocab / tp / bw, "elem_us": layer_passes * 1e-6,
+            "head_bytes": 4 * s.tokens * s.vocab / tp / bw,
+            "opt_bytes": s.local_params / bw, "opt_us": s.param_tensors * 1e-6,
+            "idle_layer_ms": s.n_layers * 1e-3, "idle_step_ms": 1e-3}
 
 
 def compute_terms(f: dict[str, float], c: Constants) -> dict[str, float]:
-    return {"gemm": f["gemm"] * c.gemm_a + f["gemm_small"] * c.gemm_b, "attention": f["attention"] * c.c_attn,
-            "elementwise": f["elementwise"] * c.c_elem, "head": f["head"] * c.c_head,
-            "optimizer": f["optimizer"] * c.c_opt, "launch": f["launch"] * c.c_layer}
+    """Seconds per term (TERMS) from `features` and the constants."""
+    terms = dict.fromkeys(TERMS, 0.0)
+    for name, (term, _) in PARAMS.items():
+        terms[term] += f[name] * getattr(c, name)
+    return terms
 
 
 def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, gpus_per_node: int,
@@ -230,14 +313,15 @@ def shape_of(cfg, layout, counts=None) -> Shape:
                  n_layers=m.n_layers, vocab=m.vocab_size, seq_len=t.seq_len,
                  attn_params=m.dim * (2 * m.n_heads + 2 * m.n_kv_heads) * head_dim,
                  dense_ffn_params=3 * m.dim * m.dense_ffn_dim, shared_params=3 * m.dim * m.ffn_dim * m.num_shared_experts,
-                 local_params=counts.local, dense_grad_elems=counts.dense_grad,
+                 local_params=counts.local, param_tensors=len(layout.params), dense_grad_elems=counts.dense_grad,
                  expert_grad_elems=counts.expert_local)
 
 
 # --- calibration ---------------------------------------------------------------------------------------
 
 # The configs of bench/train_e2e.py's labels (its JSON names runs by label only); a test keeps these
-# equal to the script's CONFIGS. Only runs of the current code ("after") calibrate.
+# equal to the script's CONFIGS. Its runs of the current code ("after") can be evaluated, not fitted
+# (no kernel classes).
 TRAIN_E2E_CONFIGS = {
     "gpu-preset": [],
     "mixtral-shaped": ["model.n_layers=2", "model.dim=4096", "model.ffn_dim=14336", "model.num_experts=8",
@@ -247,9 +331,7 @@ TRAIN_E2E_CONFIGS = {
                      "model.top_k=6", "model.n_heads=16", "model.n_kv_heads=4", "model.vocab_size=32000",
                      "model.max_seq_len=4096", "train.seq_len=4096", "train.global_batch=4"],
 }
-LOWER = {"gemm_a": 1.0, "gemm_b": 0.0, "c_attn": 1.0, "c_elem": 0.0, "c_head": 0.0, "c_opt": 0.0, "c_layer": 0.0}
-COLUMNS = {"gemm_a": "gemm", "gemm_b": "gemm_small", "c_attn": "attention", "c_elem": "elementwise",
-           "c_head": "head", "c_opt": "optimizer", "c_layer": "launch"}
+FIT_FORMAT = "moemesh plan_validate 3"  # the first format with kernel time per class
 
 
 @dataclass
@@ -259,12 +341,20 @@ class Run:
     overrides: list[str]  # on the `gpu` preset
     step_s: float  # measured
     memory_gib: float | None  # measured torch.cuda.max_memory_allocated
+    kernel_s: dict[str, float] | None = None  # measured GPU seconds per step by kernel class (format 3)
+
+    def term_s(self, term: str) -> float:
+        """The measured counterpart of a compute term: its kernel class, or for idle the step time that no
+        kernel accounts for (the timed run's step minus the profile's kernel time)."""
+        if term == "idle":
+            return self.step_s - sum(self.kernel_s.values())
+        return self.kernel_s[term]
 
 
 def load_runs(path: Path) -> list[Run]:
-    """Every measured run of a bench/plan_validate.py or bench/train_e2e.py JSON; one-line UserError for
-    anything else. plan_validate.py's runs say their set; the older files' runs are all calibration (the
-    13 configs of the first plan_validate.json and train_e2e.py's three are the calibration list)."""
+    """Every measured run of a bench/plan_validate.py (any format) or bench/train_e2e.py JSON; one-line
+    UserError for anything else. plan_validate.py's runs say their set; the older files' runs are all
+    calibration. Kernel times per class come with format 3's runs whose profile succeeded."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -290,10 +380,18 @@ def load_runs(path: Path) -> list[Run]:
         if memory is None and isinstance(run.get("measured"), dict):
             memory = run["measured"].get("peak_memory_gib")
         tokens = _tokens(overrides)
-        out.append(Run(label, run.get("set", "calibration"), overrides, tokens / run["tokens_per_s"], memory))
+        out.append(Run(label, run.get("set", "calibration"), overrides, tokens / run["tokens_per_s"], memory,
+                       _kernel_s(run) if data.get("format") == FIT_FORMAT else None))
     if not out:
         raise UserError(f"plan: --calibrate {path}: no measured run (tokens_per_s) in it")
     return out
+
+
+def _kernel_s(run: dict) -> dict[str, float] | None:
+    classes = (run.get("profile") or {}).get("classes")
+    if not isinstance(classes, dict) or set(classes) != set(KERNEL_CLASSES):
+        return None  # the profile failed: the run has a step time only
+    return {c: classes[c]["ms"] / 1e3 for c in KERNEL_CLASSES}
 
 
 def _tokens(overrides: list[str]) -> int:
@@ -314,20 +412,27 @@ def run_features(overrides: list[str], gpu: GPU) -> dict[str, float]:
     return features(shape, 1, 1, 1, cfg.train.activation_checkpointing, gpu, 1.0)
 
 
-def fit_runs(runs: list[Run], gpu: GPU, source: str = "") -> Constants:
-    """Least squares on relative error, bounded: gemm_a, c_attn >= 1, the rest >= 0."""
+def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
+    """One bounded least-squares problem per term: its constants against its measured class time over the
+    runs, each run's residual relative to the run's step time (so a class's misfit counts as the share
+    of the step it costs). Only runs with kernel times per class (format 3) can be fitted."""
     import numpy as np
 
+    runs = [r for r in runs if r.kernel_s is not None]
     if not runs:
-        raise UserError("plan: --calibrate: no calibration run in the file(s)")
-    names = list(COLUMNS)
+        raise UserError(f"plan: --calibrate {files or 'runs'}: no calibration run with kernel times per class "
+                        f"(the fit needs bench/plan_validate.py's format '{FIT_FORMAT}'; older files can only be "
+                        f"evaluated, by bench/plan_report.py --constants shipped)")
     feats = [run_features(r.overrides, gpu) for r in runs]
-    a = np.array([[f[COLUMNS[n]] for n in names] for f in feats])
-    t = np.array([r.step_s for r in runs])
-    lower = np.array([LOWER[n] for n in names])
-    a_rel = a / t[:, None]
-    x = lower + nnls(a_rel, 1.0 - a_rel @ lower)
-    return Constants(**{n: float(v) for n, v in zip(names, x)}, source=source)
+    step = np.array([r.step_s for r in runs])
+    values = {}
+    for term in TERMS:
+        names = [n for n, (t, _) in PARAMS.items() if t == term]
+        a = np.array([[f[n] for n in names] for f in feats]) / step[:, None]
+        y = np.array([r.term_s(term) for r in runs]) / step
+        lower = np.array([LOWER[n] for n in names])
+        values.update(zip(names, (lower + nnls(a, y - a @ lower)).tolist()))
+    return Constants(**values, source=f"fitted to the calibration runs of {files}" if files else "fitted")
 
 
 def nnls(a, y):
@@ -361,7 +466,7 @@ def fit(paths, gpu: GPU | None = None) -> Constants:
     """The constants fitted to the calibration runs of one or more benchmark JSON files."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     runs = [r for p in paths for r in load_runs(p) if r.set == "calibration"]
-    return fit_runs(runs, gpu or GPUS["h200"], source="fitted to " + " + ".join(str(p) for p in paths))
+    return fit_runs(runs, gpu or GPUS["h200"], " + ".join(str(p) for p in paths))
 
 
 def constants_dict(c: Constants) -> dict:
