@@ -114,7 +114,8 @@ def _idle_causes(prof, kernels) -> dict:
     for e in kernels:
         count, us = top.get(e.name[:80], (0, 0.0))
         top[e.name[:80]] = (count + 1, us + e.device_time)
-    return {"host_waits": {k: {"count": c, "ms": us / 1e3} for k, (c, us) in waits.items()},
+    return {"host": _host_time(prof),
+            "host_waits": {k: {"count": c, "ms": us / 1e3} for k, (c, us) in waits.items()},
             "largest_gaps_ms": [[g / 1e3, a, b] for g, a, b in gaps],
             "top_kernels_ms": [[k, c, us / 1e3] for k, (c, us) in sorted(top.items(), key=lambda kv: -kv[1][1])[:15]]}
 
@@ -128,6 +129,26 @@ def curve_diff(a: dict, b: dict) -> dict | None:
     return {"max_rel": max(d for _, d in diffs), "max_rel_from_step_100": max((d for s, d in diffs if s >= 100), default=None),
             "worst_step": max(diffs, key=lambda sd: sd[1])[0],
             "final_rel": abs(a["final_lm_loss"] - b["final_lm_loss"]) / b["final_lm_loss"]}
+
+
+def _host_time(prof) -> dict:
+    """Where the host's time goes, per thread: the top-level host events (those without a parent: Python
+    calls into torch, autograd nodes on the backward thread) by name, total milliseconds and count."""
+    import torch
+
+    threads: dict[int, dict[str, list[float]]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None:
+            entry = threads.setdefault(e.thread, {}).setdefault(e.name[:70], [0.0, 0])
+            entry[0] += e.cpu_time_total / 1e3
+            entry[1] += 1
+    out = {}
+    for thread, names in threads.items():
+        total = sum(ms for ms, _ in names.values())
+        top = sorted(names.items(), key=lambda kv: -kv[1][0])[:25]
+        out[str(thread)] = {"ms": total, "events": sum(n for _, n in names.values()),
+                            "top": [[name, round(ms, 3), n] for name, (ms, n) in top]}
+    return out
 
 
 def run_child(tree: Path, preset: str, overrides: list[str], run_dir: Path, warmup: int, profile: bool = False,

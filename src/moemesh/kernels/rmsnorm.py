@@ -24,7 +24,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
     import triton.language as tl
 
     @triton.jit
-    def forward(x_ptr, w_ptr, y_ptr, rstd_ptr, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def rmsnorm_forward(x_ptr, w_ptr, y_ptr, rstd_ptr, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         mask = (rows < N)[:, None] & (cols < D)[None, :]
@@ -36,7 +36,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
         tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
     @triton.jit
-    def backward(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N, D, PER_PROGRAM: tl.constexpr,
+    def rmsnorm_backward(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N, D, PER_PROGRAM: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
@@ -57,7 +57,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
             dw += tl.sum(dy * xhat, axis=0)
         tl.store(dw_part_ptr + pid * D + cols, dw, mask=cols < D)
 
-    return forward, backward
+    return rmsnorm_forward, rmsnorm_backward
 
 
 def _blocks(dim: int) -> tuple[int, int]:

@@ -24,7 +24,7 @@ def _kernel(interpret: bool):  # one build per mode: triton.jit reads TRITON_INT
     import triton.language as tl
 
     @triton.jit
-    def rotate(x_ptr, cos_ptr, sin_ptr, y_ptr, num_rows, S, H, HALF, SIGN: tl.constexpr, ROWS: tl.constexpr,
+    def rotary_rotate(x_ptr, cos_ptr, sin_ptr, y_ptr, num_rows, S, H, HALF, SIGN: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_H: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_H)
@@ -38,7 +38,7 @@ def _kernel(interpret: bool):  # one build per mode: triton.jit reads TRITON_INT
         tl.store(y_ptr + at, (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(y_ptr + at + HALF, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
 
-    return rotate
+    return rotary_rotate
 
 
 def _launch(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor, sign: float) -> torch.Tensor:

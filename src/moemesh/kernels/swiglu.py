@@ -23,7 +23,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
     import triton.language as tl
 
     @triton.jit
-    def forward(gate_ptr, up_ptr, h_ptr, numel, BLOCK: tl.constexpr):
+    def swiglu_forward(gate_ptr, up_ptr, h_ptr, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         g = tl.load(gate_ptr + offs, mask=mask).to(tl.float32)
@@ -31,7 +31,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
         tl.store(h_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def backward(gate_ptr, up_ptr, dh_ptr, dgate_ptr, dup_ptr, numel, BLOCK: tl.constexpr):
+    def swiglu_backward(gate_ptr, up_ptr, dh_ptr, dgate_ptr, dup_ptr, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         g = tl.load(gate_ptr + offs, mask=mask).to(tl.float32)
@@ -41,7 +41,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
         tl.store(dup_ptr + offs, (dh * g * s).to(dup_ptr.dtype.element_ty), mask=mask)
         tl.store(dgate_ptr + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(dgate_ptr.dtype.element_ty), mask=mask)
 
-    return forward, backward
+    return swiglu_forward, swiglu_backward
 
 
 def _grid(numel: int) -> tuple[int]:

@@ -1,5 +1,5 @@
-"""Batches made ahead of the step, in pinned host memory, while the GPU trains; the step copies its batch
-to the device without blocking.
+"""Batches made ahead of the step while the GPU trains; the step copies its batch through a pinned host
+buffer to the device without blocking.
 
 Two producers, one contract:
   thread   a background thread of this process: for sources whose batches are a few vectorised torch or
@@ -9,7 +9,9 @@ Two producers, one contract:
            GIL for that long every step, and the training thread, which needs the GIL to launch kernels,
            falls behind the GPU (measured: the GPU idled 6-17 % of a step). The worker is started with the
            Trainer, so its start-up overlaps the model build.
-The batch of a step is a pure function of (seed, step, data) (`train/data.py`): either producer calls the
+The pinned buffers are a small ring allocated once and reused (a buffer is refilled only after the copy
+out of it has finished, which an event tells): pinning each batch anew allocates pinned memory every step,
+which cost the training thread milliseconds. The batch of a step is a pure function of (seed, step, data) (`train/data.py`): either producer calls the
 same function, only earlier and elsewhere, so results do not change. Used on CUDA; on the CPU the
 "device" is the same cores that would run the producer, and the batch is made in place.
 """
@@ -37,6 +39,7 @@ class BatchPrefetcher:
         if process:
             self._producer = _ProcessProducer(make, depth)
         self._next = None  # the step the producer hands out next
+        self._pinned = _PinnedRing(depth + 2) if device.type == "cuda" else None
 
     def get(self, step: int) -> torch.Tensor:
         """Step `step`'s batch on the device (steps are asked for in order; any other order restarts)."""
@@ -49,9 +52,9 @@ class BatchPrefetcher:
         self._next = step + 1
         if error is not None:
             raise error
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
+        if self._pinned is not None:
+            return self._pinned.to_device(batch, self.device)
+        return batch.to(self.device)
 
     def close(self) -> None:
         """Stop the producer and wait for it: a thread still inside a torch call while the interpreter
@@ -60,6 +63,29 @@ class BatchPrefetcher:
             self._producer.close()
             self._producer = None
         self._next = None
+
+
+class _PinnedRing:
+    """Host-to-device copies through `size` reusable pinned buffers."""
+
+    def __init__(self, size: int):
+        self._slots: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * size
+        self._i = 0
+
+    def to_device(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        slot = self._slots[self._i]
+        if slot is not None and slot[0].shape == batch.shape and slot[0].dtype == batch.dtype:
+            buffer, copied = slot
+            copied.synchronize()  # the copy out of it, `size` steps ago, is long done: no real wait
+        else:
+            buffer = torch.empty_like(batch, pin_memory=True)
+        buffer.copy_(batch)
+        out = buffer.to(device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._slots[self._i] = (buffer, copied)
+        self._i = (self._i + 1) % len(self._slots)
+        return out
 
 
 class _ThreadProducer:
