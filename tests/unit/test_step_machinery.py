@@ -11,7 +11,6 @@ from moemesh.config import load_config
 from moemesh.model.moe import RowOrder, combine
 from moemesh.train.data import build_source
 from moemesh.train.loop import Trainer
-from moemesh.train.data import LocalBatches, MarkovSource
 from moemesh.train.prefetch import BatchPrefetcher
 
 
@@ -55,35 +54,6 @@ def test_prefetcher_raises_the_producers_error_in_the_caller():
     with pytest.raises(OSError, match="cannot read step 5"):
         pre.get(5)
     pre.close()
-
-
-def _failing_batches(step):  # module level: the worker process unpickles it
-    if step == 3:
-        raise ValueError(f"bad data at step {step}")
-    return torch.full((2, 3), step)
-
-
-def test_process_prefetcher_hands_out_the_sources_batches_and_restarts():
-    """The worker-process producer (for sources that build batches in Python): the very batches the
-    source makes, in order, after a restart (a resume at another step) and after the producer ran ahead;
-    the source's error raised in the trainer with its type; close() ends the worker."""
-    source = MarkovSource(vocab_size=97, branching=3, seed=5)
-    make = LocalBatches(source, global_batch=4, seq_len=16, shard=1, num_shards=2)
-    pre = BatchPrefetcher(make, torch.device("cpu"), process=True)
-    try:
-        for step in (1, 2, 3, 9, 10, 2):
-            assert torch.equal(pre.get(step), make(step)), step
-    finally:
-        process = pre._producer._process
-        pre.close()
-    assert not process.is_alive()
-    pre = BatchPrefetcher(_failing_batches, torch.device("cpu"), process=True)
-    try:
-        assert int(pre.get(2)[0, 0]) == 2
-        with pytest.raises(ValueError, match="bad data at step 3"):
-            pre.get(3)
-    finally:
-        pre.close()
 
 
 def test_combine_in_fp32_is_the_fp32_reference():

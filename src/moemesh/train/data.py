@@ -16,7 +16,6 @@ V vocabulary states, K successors per state (data.branching).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +32,6 @@ _BYTE_VOCAB = 256
 class TokenSource(Protocol):
     vocab_size: int  # ids emitted are < vocab_size
     entropy_floor: float | None  # nats per predicted token: exact for synthetic, None otherwise
-    builds_in_python: bool  # a batch is a Python loop (GIL-bound): prefetch it in another process
 
     def global_batch(self, step: int, global_batch: int, seq_len: int) -> torch.Tensor:
         """int64 [global_batch, seq_len + 1]; inputs = [:, :-1], targets = [:, 1:]."""
@@ -50,21 +48,6 @@ def build_source(data: DataConfig, vocab_size: int, seq_len: int, seed: int, che
     if data.source == "bin":
         return _build_bin(data.path, data.token_dtype, vocab_size, seq_len, seed, check_ids)
     raise UserError(f"data.source={data.source!r} is not one of synthetic, text, bin")
-
-
-@dataclass(frozen=True)
-class LocalBatches:
-    """step -> this data shard's rows of the step's global batch. Picklable (sources are plain tensors,
-    arrays and numbers), so a worker process can make the batches (train/prefetch.py)."""
-    source: TokenSource
-    global_batch: int
-    seq_len: int
-    shard: int
-    num_shards: int
-
-    def __call__(self, step: int) -> torch.Tensor:
-        return shard_batch(self.source.global_batch(step, self.global_batch, self.seq_len), self.shard,
-                           self.num_shards)
 
 
 def shard_batch(batch_BT: torch.Tensor, shard: int, num_shards: int) -> torch.Tensor:
@@ -103,7 +86,6 @@ class MarkovSource:
     Rows start from pi, so every position is stationary and the best possible next-token loss is the
     entropy rate. K = 1 is the deterministic ring: entropy_floor = 0.
     """
-    builds_in_python = True  # one small torch call per position
 
     def __init__(self, vocab_size: int, branching: int, seed: int):
         if not 1 <= branching <= vocab_size:
@@ -198,7 +180,6 @@ def _sample_rows(cdf_BK: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 class WindowSource:
     """Rows are windows of T = seq_len + 1 consecutive tokens at uniform random starts."""
-    builds_in_python = False  # one vectorised gather
 
     def __init__(self, tokens_N: np.ndarray, vocab_size: int, seed: int):
         self.tokens_N = tokens_N  # uint8 array (text) or read-only memmap (bin); never loaded whole for bin

@@ -35,7 +35,6 @@ class HeldOutSource:
     def __init__(self, train: TokenSource, held_out: TokenSource):
         self.train, self.held_out = train, held_out
         self.vocab_size, self.entropy_floor = train.vocab_size, train.entropy_floor
-        self.builds_in_python = getattr(train, "builds_in_python", False)
 
     def global_batch(self, step: int, global_batch: int, seq_len: int) -> torch.Tensor:
         return self.train.global_batch(step, global_batch, seq_len)

@@ -18,7 +18,7 @@ from moemesh.parallel.layout import Layout
 from moemesh.parallel.grad_buckets import GradSync
 from moemesh.parallel.grads import clip_factor, clip_grad_norm, mean_over_batch
 from moemesh.parallel.mesh import Mesh
-from moemesh.train.data import LocalBatches, TokenSource, build_source
+from moemesh.train.data import TokenSource, build_source, shard_batch
 from moemesh.train.checkpoint import load_checkpoint, save_checkpoint
 from moemesh.train.evaluate import Evaluator, with_validation
 from moemesh.train.ckpt_paths import latest_checkpoint
@@ -99,13 +99,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh | None, source: TokenSource, device: torch.device):
         self.cfg, self.mesh, self.source, self.device = cfg, mesh, source, device
-        self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
-        self.local_batches = LocalBatches(source, cfg.train.global_batch, cfg.train.seq_len, self.shard,
-                                          self.num_shards)
-        # Started before the model is built, so that a batch worker process starts up meanwhile.
-        self.prefetcher = (BatchPrefetcher(self.local_batches, device,
-                                           process=getattr(source, "builds_in_python", False))
-                           if device.type == "cuda" else None)
         self.model, self.layout = build_model(cfg, device, mesh)
         dtype = param_dtype(cfg, device)
         self.masters = MasterWeights(self.model, dtype) if dtype != torch.float32 else None
@@ -127,19 +120,25 @@ class Trainer:
         self.grad_sync = GradSync(self.model, self.grad_holder, self.layout, mesh,
                                   cfg.parallel.overlap_grad_reduce, cfg.parallel.bucket_mb)
         self.amp_dtype = autocast_dtype(cfg, device)
+        self.shard, self.num_shards = (0, 1) if mesh is None else (mesh.batch_shard, mesh.num_batch_shards)
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
         self.resumed: tuple[Path, int] | None = None  # (checkpoint, step) this trainer was loaded from
+        self.prefetcher = BatchPrefetcher(self._local_batch, device) if device.type == "cuda" else None
 
     def close(self) -> None:
-        """Stop the batch producer (on CUDA): a thread inside a torch call at interpreter exit aborts the
-        process, and a worker process should not outlive its trainer."""
+        """Stop the batch thread (on CUDA); a thread inside a torch call at interpreter exit aborts it."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+
+    def _local_batch(self, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        batch = self.source.global_batch(step, cfg.train.global_batch, cfg.train.seq_len)
+        return shard_batch(batch, self.shard, self.num_shards)
 
     def batch(self, step: int) -> torch.Tensor:
         if self.prefetcher is not None:
             return self.prefetcher.get(step)
-        return self.local_batches(step).to(self.device)
+        return self._local_batch(step).to(self.device)
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float, bool | torch.Tensor]:
         """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr, updated).
