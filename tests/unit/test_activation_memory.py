@@ -5,7 +5,11 @@ and in the GPU's setup (bf16 parameters with fp32 masters, bf16 autocast).
 
 Exact in fp32. Under bf16 the CPU runs the experts' per-expert loop instead of `torch._grouped_mm`
 (train on CPU has no bf16 grouped GEMM), which does not save the int32 row offsets that the grouped GEMM
-saves on the GPU: 4 * num_experts bytes per MoE layer, the one stated margin."""
+saves on the GPU: 4 * num_experts bytes per MoE layer, the one stated margin.
+
+With train.compile the models are compiled as the Trainer does, with the "aot_eager" backend (Inductor's
+code generation is slow on 2 cores): the same capture and AOT autograd partition, so the same saved
+tensors. tests/unit/interpreted_memory.py runs these checks with train.fused_kernels' Triton kernels."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import torch
 from moemesh.config import load_config
 from moemesh.model.transformer import Transformer
 from moemesh.plan.memory import activation_bytes
+from moemesh.train import compiled
+from moemesh.train.compiled import apply_compile
+from moemesh.train.fused_kernels import apply_fused_kernels
 from moemesh.train.master import MasterWeights
 from moemesh.train.recompute import apply_activation_checkpointing
 
@@ -28,12 +35,22 @@ VARIANTS = {
 }
 
 
-def build(overrides, mode, bf16):
-    cfg = load_config("tiny", [*BASE, *overrides, f"train.activation_checkpointing={mode}"])
+@pytest.fixture(autouse=True)
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()  # a fresh cache per model: no recompile limit across the parametrized tests
+
+
+def build(overrides, mode, bf16, compile_=False, fused_kernels=False):
+    """The model as train/loop.py:build_model sets it up on one device (checkpointing: saved_by_forward)."""
+    cfg = load_config("tiny", [*BASE, *overrides, f"train.activation_checkpointing={mode}",
+                               f"train.compile={str(compile_).lower()}"])
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     if bf16:
         MasterWeights(model, torch.bfloat16)  # what the trainer does on a GPU
+    apply_fused_kernels(model, fused_kernels)
+    apply_compile(model, compile_)
     return cfg, model
 
 
@@ -78,24 +95,36 @@ def margin(cfg, bf16: bool) -> int:
     return 4 * cfg.model.num_experts * (cfg.model.n_layers - cfg.model.num_dense_layers) if bf16 else 0
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["none", "moe", "full"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_saved_activations_match_autograd(variant, mode, bf16):
-    cfg, model = build(VARIANTS[variant], mode, bf16)
-    predicted = activation_bytes(cfg, cfg.train.global_batch * cfg.train.seq_len, amp=bf16, masters=bf16).saved
+def check_saved(variant, mode, bf16, compile_, fused_kernels):
+    cfg, model = build(VARIANTS[variant], mode, bf16, compile_, fused_kernels)
+    predicted = activation_bytes(cfg, cfg.train.global_batch * cfg.train.seq_len, amp=bf16, masters=bf16,
+                                 fused_kernels=fused_kernels).saved
     measured = saved_by_forward(cfg, model, bf16)
     assert 0 <= predicted - measured <= margin(cfg, bf16), (predicted, measured)
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["moe", "full"])
-def test_recomputed_module_matches_its_plain_forward(mode, bf16):
+def check_recomputed(mode, bf16, compile_, fused_kernels):
     """What one recomputed module holds again during its backward: the tensors it saves in a plain
     forward (checkpointing off), its input excluded (kept anyway)."""
-    cfg, model = build(VARIANTS["base"], mode, bf16)
-    predicted = activation_bytes(cfg, cfg.train.global_batch * cfg.train.seq_len, amp=bf16, masters=bf16).recompute
+    cfg, model = build(VARIANTS["base"], mode, bf16, compile_, fused_kernels)
+    predicted = activation_bytes(cfg, cfg.train.global_batch * cfg.train.seq_len, amp=bf16, masters=bf16,
+                                 fused_kernels=fused_kernels).recompute
     plain = load_config("tiny", [*BASE, "train.activation_checkpointing=none"])
     last = model.layers[-1]
     measured = saved_by_forward(plain, model, bf16, inside=last.ffn if mode == "moe" else last)
     assert 0 <= predicted - measured <= 4 * cfg.model.num_experts * bf16, (predicted, measured)
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["none", "moe", "full"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_saved_activations_match_autograd(variant, mode, bf16, compile_):
+    check_saved(variant, mode, bf16, compile_, fused_kernels=False)
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["moe", "full"])
+def test_recomputed_module_matches_its_plain_forward(mode, bf16, compile_):
+    check_recomputed(mode, bf16, compile_, fused_kernels=False)

@@ -52,6 +52,7 @@ def test_ranking_prefers_fewer_collectives_on_one_node():
 
 
 PREVIOUS = [ROOT / "bench" / "results" / "plan_validate.json", ROOT / "bench" / "results" / "plan_validate_v2.json"]
+PREVIOUS_REPORT = ROOT / "bench" / "results" / "plan_report_v2.json"  # the previous model on plan_validate_v2.json
 CURRENT = [ROOT / "bench" / "results" / "plan_validate_v3.json", ROOT / "bench" / "results" / "plan_validate_v3_rest.json"]
 # Plausible constants inside the bounds (the fit test's truth): 70 % of peak for large dense GEMMs, ...
 TRUTH = Constants(gemm_a=1.4, gemm_b=0.3, grouped_a=1.6, grouped_b=0.8, grouped_us=4.0, attn_a=1.8, attn_b=0.6,
@@ -91,6 +92,17 @@ def test_shipped_constants_are_the_fit_of_the_shipped_measurements():
     fitted = fit(CURRENT)
     for name in PARAMS:
         assert getattr(H200_CONSTANTS, name) == pytest.approx(getattr(fitted, name), rel=1e-4, abs=1e-9), name
+
+
+def test_memory_of_the_pytorch_path_is_what_the_v2_report_predicted():
+    """The runs of plan_validate_v2.json predate train.fused_kernels: with the kernels off, the memory
+    model predicts what the v2 report did on all 29 configs (the PyTorch path's activations unchanged)."""
+    report = json.loads(PREVIOUS_REPORT.read_text())
+    overrides = json.loads(PREVIOUS[1].read_text())["runs"]
+    predict = bench("plan_report").predict
+    for row in report["rows"]:
+        p = predict([*overrides[row["label"]]["overrides"], "train.fused_kernels=false"], H200_CONSTANTS)
+        assert p["memory_gib"] == pytest.approx(row["predicted_memory_gib"], rel=1e-9), row["label"]
 
 
 def test_shipped_constants_keep_gemms_below_the_measured_peak():

@@ -16,7 +16,11 @@ train/recompute.py: for a micro-batch of T tokens, the bytes of every tensor aut
 (tests/unit/test_activation_memory.py compares them, per checkpointing mode, with the bytes that
 `torch.autograd.graph.saved_tensors_hooks` sees on CPU). b is the compute dtype's size (2 under bf16
 autocast), r the residual stream's (2 with bf16 parameters, else 4); norms, router, combine weights and
-the cross-entropy's log-softmax are fp32 whatever the autocast. With activation checkpointing
+the cross-entropy's log-softmax are fp32 whatever the autocast. Each part is counted as the code that runs
+it (`CodePath`): on CUDA train.fused_kernels' Triton kernels, which save less (RMSNorm keeps x and an fp32
+1/rms, rotary only its fp32 tables, SwiGLU gate and up, the combine its fp32 weights; tests/unit/
+interpreted_memory.py checks them under Triton's interpreter), eager PyTorch elsewhere, and what AOT
+autograd keeps for the modules train.compile compiles. With activation checkpointing
 (`train.activation_checkpointing`) a recomputed module keeps only its input, and during its backward its
 own activations live again (`recompute`). Backward frees saved tensors as it goes and makes gradients:
 its peak is at the head (everything saved plus the fp32 gradients of the log-softmax and of the logits,
@@ -188,11 +192,15 @@ class Activations:
 
 
 def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, masters: bool = True,
-                     rows: float = 1.0, sequence_parallel: bool = False) -> Activations:
+                     rows: float = 1.0, sequence_parallel: bool = False, fused_kernels: bool = False) -> Activations:
     """The activations of one rank's micro-batch of `tokens` tokens, tensor by tensor as model/ saves them.
 
     amp: bf16 autocast (b = 2, else 4); masters: bf16 parameters (the residual stream and the norms'
-    weight casts); rows: max/mean rows per expert rank (the expert rows of one rank, ep > 1)."""
+    weight casts); rows: max/mean rows per expert rank (the expert rows of one rank, ep > 1);
+    fused_kernels: train.fused_kernels' Triton kernels are on (`fused_kernels_on`). Each part is counted
+    as the code that runs it: the kernels' autograd Functions, eager PyTorch, or, for the modules
+    train.compile compiles (cfg.train.compile: the norms, attention and dense MLPs, and the experts'
+    activation), the tensors AOT autograd's min-cut partition keeps (measured under aot_eager on CPU)."""
     m = cfg.model
     T, D, E, K, S = tokens, m.dim, m.num_experts, m.top_k, cfg.train.seq_len
     H, Dh = m.n_heads, m.head_dim
@@ -200,19 +208,30 @@ def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, ma
     b, r = (2 if amp else 4), (2 if masters else 4)
     R = int(T * K * rows)  # expert rows this rank runs
     sp = tp if sequence_parallel else 1
-    # RMSNorm: x.float(), rsqrt, normalised x (fp32), and the weight's fp32 cast when it is bf16
-    norm = (8 * T * D + 4 * T) // sp + (4 * D if masters else 0)
-    # wq/wk/wv input; rotated q, k; v; SDPA output and log-sum-exp; wo input; the rotary tables' bf16 casts
-    attention = (b * T * D + (b * (3 * T * D + 2 * T * Gd) + 4 * T * H) // tp
-                 + (4 * S * Dh if amp else 0))
-    shared = 4 * b * T * m.num_shared_experts * m.ffn_dim // tp  # SwiGLU: w1 out, silu out, w3 out, w2 input
-    dense_ffn = b * T * D + 4 * b * T * m.dense_ffn_dim // tp
+    path = _code_path(cfg, fused_kernels)
+    # RMSNorm, eager: x.float(), rsqrt, normalised x (fp32), and the weight's fp32 cast when it is bf16;
+    # the kernel and compiled code: x as it is and the fp32 1/rms per row
+    norm = (((r if path.lean_norm else 8) * T * D + 4 * T) // sp
+            + (4 * D if masters and not path.lean_norm else 0))
+    # wq/wk/wv input; rotated q, k; v; SDPA output and log-sum-exp; wo input: a copy of the SDPA output,
+    # except after the rotary kernel: its q is [B, S, H, Dh] in memory, SDPA's output takes q's layout, and
+    # the reshape for wo is a view. The rotary tables' bf16 casts: eager per q and k, compiled once; the
+    # kernel reads the fp32 tables (buffers)
+    wo_copy = 0 if path.rotary_kernel else T * D
+    tables = 0 if path.rotary_kernel or not amp else (2 if path.compiled else 4) * S * Dh
+    attention = b * T * D + (b * (2 * T * D + wo_copy + 2 * T * Gd) + 4 * T * H) // tp + tables
+    # SwiGLU: w1 out, w3 out, w2 input, and silu(w1 out) where eager PyTorch runs the activation
+    shared = path.hidden_shared * b * T * m.num_shared_experts * m.ffn_dim // tp
+    dense_ffn = b * T * D + path.hidden * b * T * m.dense_ffn_dim // tp
+    # combine: eager, the bf16 row weights and the int64 row tokens (_SumChoices); the kernel, the fp32
+    # weights (kernels/gather_sum.py:_Combine); both keep the row order and the expert outputs
+    combine = 4 * T * K if path.combine_kernel else 8 * T * K + b * T * K
     # router: gate input, fp32 softmax, chosen ids (int64), the renormalising sum and the weights; routing
     # statistics; dispatch (int64: the order the row weights are gathered by, the gather's inverse
-    # permutation, the combine's row tokens), row weights, expert outputs (combine); experts: the gathered
-    # rows, 4 hidden tensors of R x F, the offsets
+    # permutation), combine, expert outputs; experts: the gathered rows, the hidden tensors of R x F, the offsets
     moe = (b * T * D + 4 * T * E + 12 * T * K + 4 * T + 4 * T * E + 4 * T + 4 * (2 * E + 3) + 8 * E + 4
-           + 24 * T * K + b * T * K + b * R * D + b * R * D + 4 * b * R * m.ffn_dim // tp + 4 * E + shared)
+           + 16 * T * K + combine + b * R * D + b * R * D + path.hidden * b * R * m.ffn_dim // tp + 4 * E
+           + shared)
     layer_attn = 2 * norm + attention
     num_moe = m.n_layers - m.num_dense_layers
     # tokens and targets (int64), final norm, head input, fp32 log-softmax of the logits, loss scalars
@@ -227,13 +246,45 @@ def activation_bytes(cfg: Config, tokens: int, tp: int = 1, amp: bool = True, ma
     else:  # "full": a block keeps its input (the residual stream) and recomputes everything else
         saved = m.n_layers * r * T * D // sp + head
         block = layer_attn + max(moe if num_moe else 0, dense_ffn if m.num_dense_layers else 0)
-        # the block's input is saved inside it only when x.float() returns it as is (fp32 residual)
-        recompute = block - (4 * T * D // sp if r == 4 else 0)
+        # the block's input is saved inside it when its norm keeps x as it is (fp32 residual, or lean norm)
+        recompute = block - (r * T * D // sp if r == 4 or path.lean_norm else 0)
     head_saved = norm + b * T * D + 4 * T * m.vocab_size // tp
     # a MoE layer's backward: the gradients of the combined slots and of the expert rows (R x D each) and
     # of one hidden tensor (R x F) in flight at once
     layer_transient = b * R * (2 * D + m.ffn_dim // tp) if num_moe else b * T * (2 * D + m.dense_ffn_dim // tp)
     return Activations(saved, head_saved, recompute, 8 * T * m.vocab_size // tp, layer_transient)
+
+
+@dataclass(frozen=True)
+class CodePath:
+    """Which code runs each part that saves tensors, as train/loop.py:build_model sets the model up:
+    apply_fused_kernels, then apply_compile, which puts the PyTorch code back in the modules it compiles."""
+    compiled: bool  # train.compile
+    lean_norm: bool  # RMSNorm keeps x and 1/rms: the kernel (rows up to its block) or compiled code
+    rotary_kernel: bool
+    combine_kernel: bool  # every assignment kept (dropless); capacity drops run the PyTorch combine
+    hidden: int  # R x F (or T x F) tensors the experts and dense MLPs keep: 3 (kernel or compiled
+    # activation, which keep gate and up) or 4 (eager: silu(gate) too)
+    hidden_shared: int  # the shared experts' MLP is inside the MoE, which compile leaves as it is
+
+
+def _code_path(cfg: Config, fused_kernels: bool) -> CodePath:
+    compiled = cfg.train.compile
+    kernels = fused_kernels and not compiled  # in the modules compile takes over
+    lean_norm = compiled
+    if kernels:
+        from moemesh.kernels.rmsnorm import MAX_BLOCK
+
+        lean_norm = cfg.model.dim <= MAX_BLOCK
+    return CodePath(compiled, lean_norm, rotary_kernel=kernels,
+                    combine_kernel=fused_kernels and cfg.model.dispatch == "dropless",
+                    hidden=3 if fused_kernels or compiled else 4, hidden_shared=3 if fused_kernels else 4)
+
+
+def fused_kernels_on(cfg: Config, device_type: str) -> bool:
+    """Whether the Trainer switches train.fused_kernels' Triton kernels on (train/loop.py:build_model),
+    assuming triton is installed where the run goes (CUDA builds of torch ship it)."""
+    return cfg.train.fused_kernels and device_type == "cuda"
 
 
 def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.0,
@@ -250,7 +301,7 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     tokens = t.global_batch // (layout.dp * layout.ep) * t.seq_len
     rows = imbalance if layout.ep > 1 else 1.0  # with ep=1 a rank's rows are its own, whatever the routing
     sp = any(p.partial_over for p in layout.params.values())  # sequence parallel: norm weights are partial sums
-    act = activation_bytes(cfg, tokens, layout.tp, amp, masters, rows, sp)
+    act = activation_bytes(cfg, tokens, layout.tp, amp, masters, rows, sp, fused_kernels_on(cfg, device_type))
     num_moe = m.n_layers - m.num_dense_layers
     # the token all-to-all's send and receive buffers of one MoE layer (the receive side skewed by routing)
     b = 2 if amp else 4
