@@ -68,10 +68,13 @@ def child(args) -> None:
 
 
 def _profile(cfg, args) -> None:
-    """Two profiled steps after warm-up; GPU time by kernel category and the idle share of the window."""
+    """Two profiled steps after warm-up; GPU time by kernel class (plan/kernels.py; runs up to session 3's
+    calls (bench/results/train_e2e.json) used other categories: gemm, attention, optimizer, copy/cast, elementwise/other) and the idle
+    share of the window."""
     import torch
 
     from moemesh.parallel.comm_profile import union_us
+    from moemesh.plan.kernels import classify
 
     trainer = warm_trainer(cfg, 5)
     prof, window_us = profile_steps(trainer, 6, 2)
@@ -80,12 +83,7 @@ def _profile(cfg, args) -> None:
     by = {}
     busy = []
     for e in kernels:
-        name = e.name.lower()
-        kind = ("gemm" if any(k in name for k in ("gemm", "cutlass", "xmma", "sm90", "grouped_mm", "matmul"))
-                else "attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa"))
-                else "optimizer" if any(k in name for k in ("adam", "foreach", "multi_tensor"))
-                else "copy/cast" if any(k in name for k in ("copy", "cast", "convert", "memcpy"))
-                else "elementwise/other")
+        kind = classify(e.name)  # the planner's kernel classes (plan/kernels.py)
         by[kind] = by.get(kind, 0.0) + e.device_time
         busy.append((e.time_range.start, e.time_range.end))
     union = union_us(busy)

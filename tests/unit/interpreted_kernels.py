@@ -71,7 +71,8 @@ def test_rotary(dtype):
 
 def _routing(num_tokens, top_k, num_experts, seed):
     gen = torch.Generator().manual_seed(seed)
-    experts_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    experts_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)]
+                             or [torch.zeros(0, top_k, dtype=torch.int64)]).view(num_tokens, top_k)
     weights_TK = torch.rand(num_tokens, top_k, generator=gen)
     perm = permute(experts_TK, num_experts, None)
     return RowOrder.of(perm.order_R, num_tokens, top_k), weights_TK
@@ -92,11 +93,35 @@ def test_gather_tokens_backward(dtype):
     _check(lambda x: gather_tokens(x, rows, fused=True), lambda x: gather_tokens(x, rows), [x_TD], dtype)
 
 
-def test_combine_with_fused_flag_matches():
-    """moe.combine(..., fused=True) takes the kernel path and agrees with the eager one."""
-    rows, weights_TK = _routing(num_tokens=16, top_k=2, num_experts=4, seed=8)
-    y_RD = torch.randn(32, 24, generator=torch.Generator().manual_seed(9))
-    torch.testing.assert_close(combine(y_RD, rows, weights_TK, fused=True), combine(y_RD, rows, weights_TK))
+def test_rms_norm_in_the_sequence_parallel_layout_and_over_many_programs():
+    """Sequence parallelism hands the norms [B, S, D] views of [S, B, D] buffers: the kernel runs on them
+    (rows in memory order), output and gradient laid out like the input. 1000 rows: each backward program
+    loops over several row blocks and the weight gradient sums across programs."""
+    gen = torch.Generator().manual_seed(12)
+    norm = RMSNorm(64, 1e-5)
+    weight = 1 + 0.1 * torch.randn(64, generator=gen)
+    x_SP = torch.randn(40, 25, 64, generator=gen).movedim(0, 1)  # [B=25, S=40, D] over an [S, B, D] buffer
+    assert not x_SP.is_contiguous() and rmsnorm.supported(x_SP)
+    _check(lambda x, w: rmsnorm.rms_norm(x, w, 1e-5),
+           lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), [x_SP, weight], torch.float32)
+    out = rmsnorm.rms_norm(x_SP, weight, 1e-5)
+    assert out.stride() == x_SP.stride()
+
+
+def test_empty_inputs():
+    """A rank with no rows (expert parallelism) or no tokens: empty outputs and gradients, no launch."""
+    gate = torch.zeros(0, 8, requires_grad=True)
+    up = torch.zeros(0, 8, requires_grad=True)
+    swiglu.swiglu(gate, up).sum().backward()
+    assert gate.grad.shape == (0, 8) and up.grad.shape == (0, 8)
+    x = torch.zeros(0, 16, requires_grad=True)
+    rmsnorm.rms_norm(x, torch.ones(16), 1e-5).sum().backward()
+    assert x.grad.shape == (0, 16)
+    rows, weights_TK = _routing(num_tokens=0, top_k=2, num_experts=4, seed=13)
+    y_RD = torch.zeros(0, 8, requires_grad=True)
+    w = weights_TK.requires_grad_(True)
+    gather_sum.combine(y_RD, w, rows.order_R, rows.inverse_A).sum().backward()
+    assert y_RD.grad.shape == (0, 8) and w.grad.shape == (0, 2)
 
 
 def test_transformer_with_fused_kernels_matches_pytorch():

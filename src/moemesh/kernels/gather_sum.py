@@ -67,7 +67,9 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
 
 def gather_sum(src_RD: torch.Tensor, index_A: torch.Tensor, top_k: int, weights_A: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """out[t] = sum_k weights_A[t*K + k] * src_RD[index_A[t*K + k]] (weights 1 when None), [T, D]."""
+    """out[t] = sum_k weights_A[t*K + k] * src_RD[index_A[t*K + k]] (weights 1 when None), [T, D].
+    int64 indices: the kernel's row offsets (index * D) are computed in the index dtype."""
+    assert index_A.dtype == torch.int64, index_A.dtype
     src_RD = src_RD.contiguous()
     num_tokens, dim = index_A.numel() // top_k, src_RD.shape[-1]
     out_TD = torch.empty(num_tokens, dim, dtype=out_dtype, device=src_RD.device)
@@ -107,4 +109,5 @@ def combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, order_R: torch.Tensor,
     """The weighted sum over each token's K rows, fp32 [T, D]; `order_R` (row -> assignment) and
     `inverse_A` (assignment -> row) are inverse permutations of the T*K assignments."""
     assert order_R.numel() == inverse_A.numel() == weights_TK.numel() == y_RD.shape[0], (order_R.shape, y_RD.shape)
+    assert order_R.dtype == inverse_A.dtype == torch.int64, (order_R.dtype, inverse_A.dtype)
     return _Combine.apply(y_RD, weights_TK, order_R, inverse_A)

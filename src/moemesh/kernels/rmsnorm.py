@@ -37,7 +37,7 @@ def _kernels(interpret: bool):  # one build per mode: triton.jit reads TRITON_IN
 
     @triton.jit
     def rmsnorm_backward(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N, D, PER_PROGRAM: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
@@ -65,42 +65,63 @@ def _blocks(dim: int) -> tuple[int, int]:
     return max(1, 4096 // block_d), block_d
 
 
+def _memory_order(x: torch.Tensor) -> list[int] | None:
+    """The dims of x in memory order (last dim last), when x's rows lie densely in memory in that order:
+    contiguous x, and also sequence parallelism's [B, S, D] view of an [S, B, D] buffer. None otherwise."""
+    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _rows(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """t's rows as a 2D view, in memory order (t laid out like x: `order` makes it contiguous)."""
+    return t.permute(order).view(-1, t.shape[-1])
+
+
 class _RMSNorm(torch.autograd.Function):
+    """Rows are independent, so the kernels work on them in memory order, whatever the dims' order; the
+    output and the input gradient are laid out like x (empty_like keeps a dense tensor's strides)."""
+
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x_ND = x.reshape(-1, x.shape[-1])
+        order = _memory_order(x)
+        x_ND = _rows(x, order)
         num_rows, dim = x_ND.shape
         rows, block_d = _blocks(dim)
-        y_ND = torch.empty_like(x_ND)
+        y = torch.empty_like(x)
         rstd_N = torch.empty(num_rows, dtype=torch.float32, device=x.device)
         if num_rows:
-            _kernels(interpreting())[0][(cdiv(num_rows, rows),)](x_ND, weight, y_ND, rstd_N, num_rows, dim, eps,
-                                                                 ROWS=rows, BLOCK_D=block_d)
-        ctx.save_for_backward(x_ND, weight, rstd_N)
-        return y_ND.view(x.shape)
+            _kernels(interpreting())[0][(cdiv(num_rows, rows),)](x_ND, weight, _rows(y, order), rstd_N, num_rows,
+                                                                 dim, eps, ROWS=rows, BLOCK_D=block_d)
+        ctx.save_for_backward(x, weight, rstd_N)
+        ctx.order = order
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_ND, weight, rstd_N = ctx.saved_tensors
+        x, weight, rstd_N = ctx.saved_tensors
+        order = ctx.order
+        x_ND = _rows(x, order)
         num_rows, dim = x_ND.shape
         rows, block_d = _blocks(dim)
         # rows per program a power of two (one compiled kernel for many row counts), >= ROWS
-        per_program = max(rows, 1 << (cdiv(num_rows, row_programs(x_ND.device)) - 1).bit_length())
+        per_program = max(rows, 1 << (cdiv(num_rows, row_programs(x.device)) - 1).bit_length())
         programs = cdiv(num_rows, per_program)
-        dx_ND = torch.empty_like(x_ND)
-        dw_part = torch.zeros(programs, dim, dtype=torch.float32, device=x_ND.device)
+        dx = torch.empty_like(x)
+        dw_part = torch.zeros(programs, dim, dtype=torch.float32, device=x.device)
         if num_rows:
-            _kernels(interpreting())[1][(programs,)](x_ND, weight, dy.reshape(-1, dim).contiguous(), rstd_N, dx_ND,
-                                                     dw_part, num_rows, dim, PER_PROGRAM=per_program, ROWS=rows,
+            dy_ND = dy.permute(order).contiguous().view(-1, dim)
+            _kernels(interpreting())[1][(programs,)](x_ND, weight, dy_ND, rstd_N, _rows(dx, order), dw_part,
+                                                     num_rows, dim, PER_PROGRAM=per_program, ROWS=rows,
                                                      BLOCK_D=block_d)
-        return dx_ND.view(dy.shape), dw_part.sum(dim=0).to(weight.dtype), None
+        return dx, dw_part.sum(dim=0).to(weight.dtype), None
 
 
 def supported(x: torch.Tensor) -> bool:
-    return x.is_contiguous() and x.shape[-1] <= MAX_BLOCK
+    return x.shape[-1] <= MAX_BLOCK and _memory_order(x) is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of a contiguous x (any leading shape); output in x's dtype."""
+    """RMSNorm over the last dim of x (any leading shape whose rows lie densely in memory, `supported`);
+    the output in x's dtype and layout."""
     assert supported(x), (x.shape, x.stride())
     return _RMSNorm.apply(x, weight, eps)

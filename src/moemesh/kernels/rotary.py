@@ -25,7 +25,7 @@ def _kernel(interpret: bool):  # one build per mode: triton.jit reads TRITON_INT
 
     @triton.jit
     def rotary_rotate(x_ptr, cos_ptr, sin_ptr, y_ptr, num_rows, S, H, HALF, SIGN: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_H: tl.constexpr):
+                      BLOCK_H: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_H)
         mask = (rows < num_rows)[:, None] & (cols < HALF)[None, :]
@@ -70,4 +70,5 @@ def rotary(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> 
     contiguous [B, S, H, Dh] tensor."""
     assert cos_SD.dtype == sin_SD.dtype == torch.float32 and cos_SD.is_contiguous() and sin_SD.is_contiguous()
     assert x_BSHD.shape[-1] % 2 == 0 and cos_SD.shape[0] >= x_BSHD.shape[1], (x_BSHD.shape, cos_SD.shape)
+    assert cos_SD.shape[1] == sin_SD.shape[1] == x_BSHD.shape[-1] // 2, (x_BSHD.shape, cos_SD.shape)
     return _Rotary.apply(x_BSHD, cos_SD, sin_SD)

@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 
 from moemesh.config import Config
+from moemesh.train.fused_kernels import fused_kernels_on
 from moemesh.errors import UserError, report
 
 GIB = 1024 ** 3
@@ -277,14 +278,10 @@ def _code_path(cfg: Config, fused_kernels: bool) -> CodePath:
 
         lean_norm = cfg.model.dim <= MAX_BLOCK
     return CodePath(compiled, lean_norm, rotary_kernel=kernels,
+                    # capacity dispatch runs the kernel too on steps that drop nothing (RowOrder decides by
+                    # shape); counting the PyTorch combine there is the upper bound
                     combine_kernel=fused_kernels and cfg.model.dispatch == "dropless",
                     hidden=3 if fused_kernels or compiled else 4, hidden_shared=3 if fused_kernels else 4)
-
-
-def fused_kernels_on(cfg: Config, device_type: str) -> bool:
-    """Whether the Trainer switches train.fused_kernels' Triton kernels on (train/loop.py:build_model),
-    assuming triton is installed where the run goes (CUDA builds of torch ship it)."""
-    return cfg.train.fused_kernels and device_type == "cuda"
 
 
 def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.0,
@@ -301,7 +298,7 @@ def estimate_layout(cfg: Config, device_type: str, layout, imbalance: float = 1.
     tokens = t.global_batch // (layout.dp * layout.ep) * t.seq_len
     rows = imbalance if layout.ep > 1 else 1.0  # with ep=1 a rank's rows are its own, whatever the routing
     sp = any(p.partial_over for p in layout.params.values())  # sequence parallel: norm weights are partial sums
-    act = activation_bytes(cfg, tokens, layout.tp, amp, masters, rows, sp, fused_kernels_on(cfg, device_type))
+    act = activation_bytes(cfg, tokens, layout.tp, amp, masters, rows, sp, fused_kernels_on(cfg, device_type))  # triton assumed where the run goes
     num_moe = m.n_layers - m.num_dense_layers
     # the token all-to-all's send and receive buffers of one MoE layer (the receive side skewed by routing)
     b = 2 if amp else 4

@@ -14,11 +14,18 @@ PyTorch code (apply_compile runs after this and switches those back).
 
 from __future__ import annotations
 
+from moemesh.config import Config
 from moemesh.kernels.swiglu import swiglu
 from moemesh.model.attention import Attention
 from moemesh.model.layers import RMSNorm, SwiGLU
 from moemesh.model.moe import MoE
 from moemesh.model.transformer import Transformer
+
+
+def fused_kernels_on(cfg: Config, device_type: str) -> bool:
+    """Whether a run of `cfg` on `device_type` uses the kernels, where triton is installed (CUDA builds of
+    torch bring it; the Trainer also checks that, the planner assumes it for the GPUs it plans for)."""
+    return cfg.train.fused_kernels and device_type == "cuda"
 
 
 def apply_fused_kernels(model: Transformer, enabled: bool) -> None:

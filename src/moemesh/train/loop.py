@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from moemesh import kernels
 from moemesh.config import Config
 from moemesh.errors import UserError
 from moemesh.model.transformer import Transformer
@@ -26,12 +27,11 @@ from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
-from moemesh import kernels
 from moemesh.train import fused_adamw
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.compiled import apply_compile
-from moemesh.train.fused_kernels import apply_fused_kernels
+from moemesh.train.fused_kernels import apply_fused_kernels, fused_kernels_on
 from moemesh.train.recompute import apply_activation_checkpointing
 from moemesh.train.resume import continues_run_dir
 from moemesh.train.rundir import prepare_run_dir
@@ -80,7 +80,7 @@ def build_model(cfg: Config, device: torch.device, mesh: Mesh | None) -> tuple[T
     with torch.device(device):
         model = Transformer(cfg.model)
     model, layout = parallelize(model, mesh, cfg.parallel)
-    apply_fused_kernels(model, cfg.train.fused_kernels and device.type == "cuda" and kernels.available(device))
+    apply_fused_kernels(model, fused_kernels_on(cfg, device.type) and kernels.available(device))
     apply_compile(model, cfg.train.compile)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model, layout
