@@ -12,6 +12,32 @@ import sys
 import time
 
 
+def timed_train(cfg, warmup: int) -> dict:
+    """`moemesh.train.loop.train(cfg)` in this process, measured: tokens/s (median of the logged windows
+    after step `warmup`, from the run dir's metrics.jsonl), start-up seconds (process work before the first
+    step), peak memory on a GPU, and the logged losses."""
+    import statistics
+    from pathlib import Path
+
+    import torch
+
+    from moemesh.train.loop import train
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    summary = train(cfg)
+    total = time.perf_counter() - started
+    records = [json.loads(line) for line in open(Path(cfg.run.dir) / "metrics.jsonl")]
+    steady = [r["tokens_per_s"] for r in records if r["step"] > warmup] or [records[-1]["tokens_per_s"]]
+    return {"tokens_per_s": statistics.median(steady), "windows": len(steady), "tokens_per_s_windows": steady,
+            "startup_s": total - summary["elapsed_s"],
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "losses": [[r["step"], r["lm_loss"]] for r in records], "final_lm_loss": summary["final_lm_loss"]}
+
+
 def run_child(args: list[str], env: dict[str, str], timeout: float) -> dict:
     """`python <args>`; its last RESULT line as a dict plus wall_s, or {"error", "stderr"}."""
     started = time.perf_counter()

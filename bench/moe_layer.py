@@ -46,7 +46,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -117,7 +116,7 @@ def build_torchtitan(shape: dict, balanced: bool):
 # weights, inputs, routing
 
 def make_master(shape: dict, tokens: int, device: str, seed: int) -> dict:
-    D, F_, E, K = shape["dim"], shape["ffn_dim"], shape["num_experts"], shape["top_k"]
+    D, F_, E = shape["dim"], shape["ffn_dim"], shape["num_experts"]
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*size, std=1.0):
@@ -472,7 +471,7 @@ def main() -> int:
     report["skipped_cases"] = [c for c in CASES if c not in cases]  # the Triton kernels need CUDA or TRITON_INTERPRET=1
     for shape_name in args.shapes.split(","):
         shape = shapes[shape_name]
-        D, F_, E, K = shape["dim"], shape["ffn_dim"], shape["num_experts"], shape["top_k"]
+        D, F_, K = shape["dim"], shape["ffn_dim"], shape["top_k"]
         flops = 18 * tokens * K * D * F_
         master = make_master(shape, tokens, device, seed=1234)
         master["batch_shape"] = batch_shape

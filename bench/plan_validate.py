@@ -36,13 +36,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from child import profile_steps, run_child as run_child_process, trainer_kept_open, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
+from child import profile_steps, run_child as run_child_process, timed_train, trainer_kept_open, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, WARMUP, LOG_EVERY = 12, 6, 2  # 3 windows of 2 steps after 6 warm-up steps (v2's windows agreed within 1-3 %)
@@ -141,27 +140,13 @@ def selected(which: str) -> list[tuple[str, str, list[str]]]:
 
 def child(args) -> None:
     """One config in this process: the timed run, then the profile; prints one RESULT JSON line."""
-    import torch
-
     from moemesh.config import load_config
-    from moemesh.train.loop import train
 
     cfg = load_config("gpu", [*json.loads(args.overrides), f"run.dir={args.run_dir}", "run.progress=false",
                               "run.tensorboard=false", "run.checkpoints=false"])
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     with trainer_kept_open() as kept:
-        started = time.perf_counter()
-        summary = train(cfg)
-        total = time.perf_counter() - started
-        records = [json.loads(line) for line in open(Path(args.run_dir) / "metrics.jsonl")]
-        steady = [r["tokens_per_s"] for r in records if r["step"] > args.warmup] or [records[-1]["tokens_per_s"]]
-        out = {"tokens_per_s": statistics.median(steady), "windows": len(steady),
-               "tokens_per_s_windows": steady, "startup_s": total - summary["elapsed_s"],
-               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-               "final_lm_loss": summary["final_lm_loss"]}
+        out = timed_train(cfg, args.warmup)
+        del out["losses"]
         started = time.perf_counter()
         try:
             out["profile"] = profile_classes(cfg, kept)

@@ -22,12 +22,10 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from child import profile_steps, run_child as run_child_process, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
+from child import profile_steps, run_child as run_child_process, timed_train, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 780.0
@@ -44,27 +42,14 @@ CONFIGS = {
 
 def child(args) -> None:
     """One training run in this process, with the moemesh of sys.path; prints one JSON line."""
-    import torch
-
     from moemesh.config import load_config
-    from moemesh.train.loop import train
 
     cfg = load_config(args.preset, [*json.loads(args.overrides), f"run.dir={args.run_dir}", "run.progress=false",
                                     "run.tensorboard=false", *(["run.checkpoints=false"] if args.code == "after" else [])])
     if args.profile:
         _profile(cfg, args)
         return
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    started = time.perf_counter()
-    summary = train(cfg)
-    total = time.perf_counter() - started
-    records = [json.loads(line) for line in open(Path(args.run_dir) / "metrics.jsonl")]
-    steady = [r["tokens_per_s"] for r in records if r["step"] > args.warmup] or [records[-1]["tokens_per_s"]]
-    out = {"tokens_per_s": statistics.median(steady), "windows": len(steady),
-           "startup_s": total - summary["elapsed_s"],
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-           "losses": [[r["step"], r["lm_loss"]] for r in records], "final_lm_loss": summary["final_lm_loss"]}
-    print("RESULT " + json.dumps(out), flush=True)
+    print("RESULT " + json.dumps(timed_train(cfg, args.warmup)), flush=True)
 
 
 def _profile(cfg, args) -> None:

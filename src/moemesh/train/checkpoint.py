@@ -33,7 +33,7 @@ from moemesh.config import Config, load_config, to_toml
 from moemesh.errors import ConfigError, UserError
 from moemesh.parallel.apply import full_buffers
 from moemesh.train.rundir import resolved_config
-from moemesh.train.ckpt_paths import (CHECKPOINTS, checkpoint_name, complete_checkpoints, fsync_path, problem_with,
+from moemesh.train.ckpt_paths import (CHECKPOINTS, checkpoint_name, complete_checkpoints, fsync_path,
                                       step_of, write_manifest)
 
 if TYPE_CHECKING:

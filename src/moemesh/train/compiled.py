@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.model.attention import Attention
-from moemesh.model.layers import RMSNorm, SwiGLU, silu_mul
+from moemesh.model.layers import SwiGLU, silu_mul
 from moemesh.model.moe import MoE
 from moemesh.model.transformer import Transformer
+from moemesh.train.fused_kernels import set_kernels
 
 BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
 
@@ -33,13 +33,7 @@ def apply_compile(model: Transformer, enabled: bool) -> None:
         if isinstance(block.ffn, SwiGLU):
             modules.append(block.ffn)
     for module in modules:
-        for part in module.modules():
-            if isinstance(part, RMSNorm):
-                part.fused = False
-            elif isinstance(part, Attention):
-                part.fused_rotary = False
-            elif isinstance(part, SwiGLU):
-                part.activation = silu_mul
+        set_kernels(module, False)  # Inductor fuses the PyTorch code; Dynamo must not trace Triton Functions
         module.compile(backend=BACKEND, fullgraph=True, dynamic=False)
     activation = torch.compile(silu_mul, backend=BACKEND, fullgraph=True, dynamic=True)
     for block in model.layers:

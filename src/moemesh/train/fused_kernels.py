@@ -14,10 +14,12 @@ PyTorch code (apply_compile runs after this and switches those back).
 
 from __future__ import annotations
 
+from torch import nn
+
 from moemesh.config import Config
 from moemesh.kernels.swiglu import swiglu
 from moemesh.model.attention import Attention
-from moemesh.model.layers import RMSNorm, SwiGLU
+from moemesh.model.layers import RMSNorm, SwiGLU, silu_mul
 from moemesh.model.moe import MoE
 from moemesh.model.transformer import Transformer
 
@@ -29,15 +31,20 @@ def fused_kernels_on(cfg: Config, device_type: str) -> bool:
 
 
 def apply_fused_kernels(model: Transformer, enabled: bool) -> None:
-    if not enabled:
-        return
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.fused = True
-        elif isinstance(module, Attention):
-            module.fused_rotary = True
-        elif isinstance(module, SwiGLU):
-            module.activation = swiglu
-        elif isinstance(module, MoE):
-            module.experts.activation = swiglu
-            module.dispatcher.fused = True
+    if enabled:
+        set_kernels(model, True)
+
+
+def set_kernels(module: nn.Module, on: bool) -> None:
+    """Switch the kernels on or off in `module` and every module inside it (the one place that knows
+    which module takes which kernel; `train.compile` switches them off where it compiles)."""
+    for part in module.modules():
+        if isinstance(part, RMSNorm):
+            part.fused = on
+        elif isinstance(part, Attention):
+            part.fused_rotary = on
+        elif isinstance(part, SwiGLU):
+            part.activation = swiglu if on else silu_mul
+        elif isinstance(part, MoE):
+            part.experts.activation = swiglu if on else silu_mul
+            part.dispatcher.fused = on
