@@ -56,8 +56,9 @@ def check_against_fallback(cfg) -> dict:
     for impl in (fused_adamw.step, fused_adamw.step_reference):
         model, masters, optimizer = _setup(cfg)
         found_inf, scale = torch.zeros((), device="cuda"), torch.tensor(1.3, device="cuda")
+        lr = torch.tensor(cfg.train.lr, device="cuda")
         for _ in range(3):
-            impl(optimizer, masters.model_params, masters.grads(False), found_inf, scale)
+            impl(optimizer, masters.model_params, masters.grads(False), found_inf, scale, lr)
         runs.append((list(masters.parameters()), list(model.parameters())))
     (mk, pk), (mr, pr) = runs
     results["master_max_rel_diff"] = max(float((a - b).norm() / b.norm()) for a, b in zip(mk, mr))
@@ -77,10 +78,11 @@ def main() -> int:
     model, masters, optimizer = _setup(cfg)
     n = sum(p.numel() for p in model.parameters())
     found_inf, scale = torch.zeros((), device="cuda"), torch.tensor(1.3, device="cuda")
+    lr = torch.tensor(cfg.train.lr, device="cuda")
     grads = {m: p.grad for m, p in masters.model_params.items()}
 
     def fused():
-        fused_adamw.step(optimizer, masters.model_params, grads, found_inf, scale)
+        fused_adamw.step(optimizer, masters.model_params, grads, found_inf, scale, lr)
 
     def unfused():  # what the loop did before: cast, torch's fused AdamW, copy back
         for m, p in masters.model_params.items():

@@ -197,12 +197,17 @@ def main() -> int:
     plan += [(f"{name}/after-unfused", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
                                                        "run.log_every=5", "train.fused_kernels=false"])
              for name in CONFIGS]
+    plan += [(f"{name}/after-no-graph", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
+                                                        "run.log_every=5", "train.cuda_graph=off"])
+             for name in CONFIGS]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
     # the same code twice (run-to-run spread of bf16 training on the GPU), and the kernels off
     plan.append(("gpu-preset-200/before-repeat", "before", "gpu", ["train.steps=200", "run.log_every=10"]))
     plan.append(("gpu-preset-200/after-unfused", "after", "gpu", ["train.steps=200", "run.log_every=10",
                                                                   "train.fused_kernels=false"]))
+    plan.append(("gpu-preset-200/after-no-graph", "after", "gpu", ["train.steps=200", "run.log_every=10",
+                                                                   "train.cuda_graph=off"]))
     only = set(filter(None, args.only.split(",")))
     for label, code, preset, overrides in plan:
         if only and label not in only:
@@ -225,7 +230,8 @@ def main() -> int:
         save()
     profiles = [(f"{name}/profile{suffix}", name, extra) for name in CONFIGS
                 for suffix, extra in (("", []), ("-torch-adamw", ["train.fused_master_step=false"]),
-                                      ("-compile", ["train.compile=true"]), ("-unfused", ["train.fused_kernels=false"]))]
+                                      ("-compile", ["train.compile=true"]), ("-unfused", ["train.fused_kernels=false"]),
+                                      ("-no-graph", ["train.cuda_graph=off"]))]
     for label, name, extra in profiles if torch.cuda.is_available() else ():
         if only and label not in only:
             continue
@@ -241,7 +247,8 @@ def main() -> int:
     report["loss_curves"] = {f"{x} vs {y}": curve_diff(report["runs"].get(f"gpu-preset-200/{x}", {}),
                                                        report["runs"].get(f"gpu-preset-200/{y}", {}))
                              for x, y in (("after", "before"), ("before-repeat", "before"),
-                                          ("after-unfused", "before"), ("after", "after-unfused"))}
+                                          ("after-unfused", "before"), ("after", "after-unfused"),
+                                          ("after", "after-no-graph"))}
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
     return 0

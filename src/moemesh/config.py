@@ -90,6 +90,7 @@ class TrainConfig:
     fused_master_step: bool = True  # bf16 params on cuda: AdamW on the masters in one Triton pass (false: torch's)
     compile: bool = False  # torch.compile the dense parts of each block (norms, attention); needs parallel.tp=1
     fused_kernels: bool = True  # on cuda: RMSNorm, rotary, SwiGLU activation, MoE gather/combine as Triton kernels
+    cuda_graph: str = "auto"  # "auto" (one CUDA graph per step where it can be captured: train/cuda_graph.py) | "on" | "off"
 
 
 @dataclass
@@ -149,6 +150,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.activation_checkpointing": ("none", "moe", "full"),
     "train.param_dtype": ("auto", "float32", "bfloat16"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "data.source": ("synthetic", "text", "bin"),
     "data.token_dtype": ("uint16", "uint32"),
 }

@@ -57,6 +57,8 @@ CASES = [
     pytest.param(["--set", "=3"], {}, ["key=value"], id="set-without-key"),
     pytest.param(["--no-such-flag"], {}, ["--no-such-flag"], id="unknown-flag"),
     pytest.param(["--set", "data.source=text"], {}, ["data.path"], id="data-path-empty"),
+    pytest.param(["--set", "train.cuda_graph=on"], {}, ["train.cuda_graph='on'", "'cpu'", "'auto' or 'off'"],
+                 id="cuda-graph-on-cpu"),
     # data: each of these imports torch before failing, in preflight, before the run dir exists
     pytest.param(TEXT + ["--set", "data.path=missing.txt"], {}, ["data.path=missing.txt", "no such file"],
                  id="missing-data-file"),

@@ -30,7 +30,7 @@ def _run(impl, seed: int, grad_dtype: torch.dtype, monkeypatch=None):
         grads = {m: (torch.randn(m.shape, generator=gen) * 10 ** i).to(grad_dtype) for m in masters}
         found_inf = torch.tensor(1.0 if i == 2 else 0.0)  # step 3 is skipped
         scale = torch.tensor(1.7) if i % 2 else None
-        impl(opt, by_master, grads, found_inf, scale)
+        impl(opt, by_master, grads, found_inf, scale, torch.tensor(opt.param_groups[0]["lr"]))
         for group in opt.param_groups:
             group["lr"] *= 0.7
     return masters, params, opt
@@ -75,7 +75,7 @@ def test_skipped_step_leaves_everything(monkeypatch):
     masters, params, opt, gen = _setup(1, torch.bfloat16)
     before, params_before = [m.clone() for m in masters], [p.clone() for p in params]
     grads = {m: torch.full_like(m, float("nan")) for m in masters}
-    fused_adamw.step(opt, dict(zip(masters, params)), grads, torch.tensor(1.0), None)
+    fused_adamw.step(opt, dict(zip(masters, params)), grads, torch.tensor(1.0), None, torch.tensor(3e-3))
     assert all(torch.equal(a, b) for a, b in zip(masters, before))
     assert all(torch.equal(a, b) for a, b in zip(params, params_before))
     assert all(float(opt.state[m]["step"]) == 0 for m in masters)

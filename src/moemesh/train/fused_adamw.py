@@ -37,13 +37,14 @@ def _kernel(interpret: bool):  # one build per mode: triton.jit reads TRITON_INT
 
     @triton.jit
     def adamw_master(param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, found_inf_ptr,
-                     grad_scale_ptr, numel, lr, beta1, beta2, eps, weight_decay,
+                     grad_scale_ptr, lr_ptr, numel, beta1, beta2, eps, weight_decay,
                      HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
         if tl.load(found_inf_ptr) != 0:
             return
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         step = tl.load(step_ptr)
+        lr = tl.load(lr_ptr)
         bias1 = 1.0 - tl.exp(step * tl.log(beta1))
         bias2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
         g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
@@ -90,9 +91,11 @@ def _groups(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.T
 
 @torch.no_grad()
 def step(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.Tensor],
-         grads: dict[torch.Tensor, torch.Tensor], found_inf: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
+         grads: dict[torch.Tensor, torch.Tensor], found_inf: torch.Tensor, grad_scale: torch.Tensor | None,
+         lr: torch.Tensor) -> None:
     """One AdamW step: `params` maps each master to the parameter the model computes with, `grads` each
-    master to its gradient (either dtype). found_inf and grad_scale are 0-dim float32 device tensors."""
+    master to its gradient (either dtype). found_inf, grad_scale and lr (the learning rate of every group)
+    are 0-dim float32 device tensors: nothing of the step is a host value, so a CUDA graph can hold it."""
     kernel = _kernel(interpreting())
     work = list(_groups(optimizer, params, grads))
     steps = [state["step"] for *_, state in work]
@@ -105,7 +108,7 @@ def step(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.Tens
         numel = master.numel()
         kernel[((numel + BLOCK - 1) // BLOCK,)](
             param, grad, master, state["exp_avg"], state["exp_avg_sq"], state["step"], found_inf,
-            grad_scale if grad_scale is not None else found_inf, numel, group["lr"], group["betas"][0],
+            grad_scale if grad_scale is not None else found_inf, lr, numel, group["betas"][0],
             group["betas"][1], group["eps"], group["weight_decay"],
             HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=8)
 
@@ -113,7 +116,7 @@ def step(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.Tens
 @torch.no_grad()
 def step_reference(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, torch.Tensor],
                    grads: dict[torch.Tensor, torch.Tensor], found_inf: torch.Tensor,
-                   grad_scale: torch.Tensor | None) -> None:
+                   grad_scale: torch.Tensor | None, lr: torch.Tensor) -> None:
     """The same step in PyTorch operations (the fallback, and the reference the kernel is tested against)."""
     work = list(_groups(optimizer, params, grads))
     for *_, state in work:
@@ -124,10 +127,10 @@ def step_reference(optimizer: torch.optim.Optimizer, params: dict[torch.Tensor, 
         beta1, beta2 = group["betas"]
         t = state["step"]
         g = grad.float() / grad_scale if grad_scale is not None else grad.float()
-        master.mul_(1 - group["lr"] * group["weight_decay"])
+        master.mul_(1 - lr * group["weight_decay"])
         state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = state["exp_avg_sq"].sqrt() / torch.sqrt(1 - beta2 ** t) + group["eps"]
-        master.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        master.add_(-lr / (1 - beta1 ** t) * state["exp_avg"] / denom)
         param.copy_(master)
 

@@ -27,7 +27,7 @@ from moemesh.train.metrics import MetricsWriter, format_summary, write_summary
 from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
-from moemesh.train import fused_adamw
+from moemesh.train import cuda_graph, fused_adamw
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.compiled import apply_compile
@@ -61,9 +61,16 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def uses_fused_master(cfg: Config, device: torch.device) -> bool:
+    """Whether the optimizer step is the one-pass Triton step over fp32 masters (`fused_adamw.py`)."""
+    return (param_dtype(cfg, device) != torch.float32 and runs_ahead(device) and cfg.train.fused_master_step
+            and kernels.available(device))
+
+
 def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     """Everything that can fail on user input, checked before any file is written or process started."""
     device = resolve_device(cfg)
+    cuda_graph.wanted(cfg, device, uses_fused_master(cfg, device))  # 'on' where it cannot be: one line, exit 2
     backend = cfg.parallel.backend
     if backend != "auto" and (backend == "nccl") != (device.type == "cuda"):
         raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
@@ -111,8 +118,8 @@ class Trainer:
         # bf16 parameters on a GPU: one Triton pass per tensor does AdamW on the masters and writes the
         # bf16 parameters (`fused_adamw.py`). A single process feeds it the model's bf16 gradients as they
         # are; across ranks they become fp32 master gradients first, so they are reduced in fp32.
-        self.fused_master = (self.masters is not None and self.on_device_checks and cfg.train.fused_master_step
-                             and kernels.available(device))
+        self.fused_master = uses_fused_master(cfg, device)
+        assert not self.fused_master or self.masters is not None
         multi_rank = mesh is not None and mesh.world_size > 1  # torchrun with one process has a mesh of 1
         self.grads_on_masters = self.masters is not None and (not self.fused_master or multi_rank)
         self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params
@@ -124,6 +131,12 @@ class Trainer:
         self.recent_lm_losses: deque[torch.Tensor] = deque(maxlen=RECENT_LOSSES)  # checkpointed too
         self.resumed: tuple[Path, int] | None = None  # (checkpoint, step) this trainer was loaded from
         self.prefetcher = BatchPrefetcher(self._local_batch, device) if device.type == "cuda" else None
+        # The one-pass master step reads the learning rate from the device, so a captured step sees each
+        # step's value; train.cuda_graph captures the whole step after a few eager ones (cuda_graph.py).
+        self.lr = torch.zeros((), dtype=torch.float32, device=device) if self.fused_master else None
+        self.capture = cuda_graph.wanted(cfg, device, self.fused_master)
+        self.graph: cuda_graph.CapturedStep | None = None
+        self.eager_steps = 0
 
     def close(self) -> None:
         """Stop the batch thread (on CUDA); a thread inside a torch call at interpreter exit aborts it."""
@@ -144,14 +157,35 @@ class Trainer:
         """Returns (global [loss, lm_loss, aux_loss, z_loss], grad norm before clipping, lr, updated).
         A step whose loss or gradient norm is not finite is not applied: updated is False, or on a GPU a
         bool tensor that the caller reads when it next syncs anyway."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         if self.mesh is not None:
             self.mesh.trace.step = step
         batch_BS = self.batch(step)
         lr = lr_at(step, cfg.train)
         set_lr(self.optimizer, lr)
+        if self.lr is not None:
+            self.lr.fill_(lr)
+        if self.graph is not None:
+            losses, grad_norm, finite = self.graph(batch_BS)
+            return losses, grad_norm, lr, finite
+        if self.on_device_checks:
+            losses, grad_norm, finite = self._device_step(batch_BS)
+        else:
+            losses, grad_norm, finite = self._host_step(batch_BS)
+        if self.masters is not None and not self.fused_master:
+            self.masters.masters_to_model()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        self.eager_steps += 1
+        if self.capture and self.eager_steps >= cuda_graph.WARMUP_STEPS:
+            self.graph = cuda_graph.CapturedStep(self._device_step, batch_BS)  # replayed from the next step on
+        return losses, grad_norm, lr, finite
+
+    def _forward_backward(self, batch_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of the batch, synced and measured: (global losses, grad norm, finite), device tensors."""
+        cfg = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
-            out = model(batch_BS[:, :-1], batch_BS[:, 1:])
+            out = self.model(batch_BS[:, :-1], batch_BS[:, 1:])
         out.loss.backward()
         if self.grads_on_masters:
             self.masters.grads_to_masters()
@@ -163,26 +197,33 @@ class Trainer:
         losses = mean_over_batch(torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach(), self.mesh)
         # Both are global (all-reduced), so every rank takes the same decision.
         finite = torch.isfinite(grad_norm) & torch.isfinite(losses).all()
-        if self.on_device_checks:
-            found_inf = (~finite).float()  # the step is skipped on the device: params, moments and count stay
-            grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-            if self.fused_master:
-                fused_adamw.step(self.optimizer, self.masters.model_params,
-                                 self.masters.grads(self.grads_on_masters), found_inf, grad_scale)
-            else:
-                self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, grad_scale
-                self.optimizer.step()
-            for moe in model.moe_layers():
-                moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate * finite)
-        elif finite := bool(finite):
+        return losses, grad_norm, finite
+
+    def _device_step(self, batch_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step that reads no value on the host (a GPU's): a non-finite one is skipped on the device
+        (params, moments and count stay). With the one-pass master step it is what a CUDA graph holds."""
+        cfg = self.cfg
+        losses, grad_norm, finite = self._forward_backward(batch_BS)
+        found_inf = (~finite).float()
+        grad_scale = 1 / clip_factor(grad_norm, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+        if self.fused_master:
+            fused_adamw.step(self.optimizer, self.masters.model_params,
+                             self.masters.grads(self.grads_on_masters), found_inf, grad_scale, self.lr)
+        else:
+            self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, grad_scale
             self.optimizer.step()
-            for moe in model.moe_layers():
-                moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate)
-        if self.masters is not None and not self.fused_master:
-            self.masters.masters_to_model()
-        self.optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
-        return losses, grad_norm, lr, finite
+        for moe in self.model.moe_layers():
+            moe.router.update_bias(moe.last_stats.counts_E, cfg.model.bias_update_rate * finite)
+        return losses, grad_norm, finite
+
+    def _host_step(self, batch_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The CPU reference: the host reads the finiteness check and skips the update itself."""
+        losses, grad_norm, finite = self._forward_backward(batch_BS)
+        if finite := bool(finite):
+            self.optimizer.step()
+            for moe in self.model.moe_layers():
+                moe.router.update_bias(moe.last_stats.counts_E, self.cfg.model.bias_update_rate)
+        return losses, grad_norm, finite
 
 
 class Speedometer:
