@@ -44,7 +44,9 @@ from pathlib import Path
 from child import profile_steps, run_child as run_child_process, timed_train, trainer_kept_open, warm_trainer  # bench/child.py (bench/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, WARMUP, LOG_EVERY = 12, 6, 2  # 3 windows of 2 steps after 6 warm-up steps (v2's windows agreed within 1-3 %)
+# 3 windows of 4 steps after 4 warm-up steps (two eager, two replays of the captured step); each logged
+# step syncs, so windows of 4 (not v3's 2) keep that bubble a smaller part of the step, as in real runs
+STEPS, WARMUP, LOG_EVERY = 16, 4, 4
 PROFILE_STEPS = 2  # profiled after the timed run, on its Trainer
 PROFILE_WARMUP = 2  # only if train() did not hand its Trainer over: a new one, in a warm process
 # Expected ~16.4 s per config, ~510 s for all 31 (v2's wall_s per config, 13.7 s on average, plus the
@@ -53,7 +55,7 @@ PROFILE_WARMUP = 2  # only if train() did not hand its Trainer over: a new one, 
 # after DEADLINE_S and a running child is stopped at STOP_S, so the script ends by 8.5 min: an overrun costs
 # the calibration list's tail (the held-out configs are done by ~430 s).
 DEADLINE_S, STOP_S = 485, 510
-FORMAT = "moemesh plan_validate 3"  # 2: no profile; 3: a per-class profile per run
+FORMAT = "moemesh plan_validate 4"  # 2: no profile; 3: a per-class profile per run; 4: and whether the step was a CUDA graph
 
 
 def shape(dim, experts, top_k, ffn, layers, seq, batch, ckpt="none", heads=None, kv=None, vocab=None):
@@ -65,10 +67,38 @@ def shape(dim, experts, top_k, ffn, layers, seq, batch, ckpt="none", heads=None,
     return o + ([f"model.vocab_size={vocab}"] if vocab else [])
 
 
-# label -> overrides on the `gpu` preset (vocab 8192 unless set). The "h-" configs were v2's held-out set
-# (labels kept, so rows compare across files); the list's order is the run order, the two of v1/v2's
-# calibration at its end run only if time is left.
+# label -> overrides on the `gpu` preset (vocab 8192 unless set). CALIBRATION is session 3's held-out
+# list (plan_validate_v3*.json: evaluated once, so spent as a test); its calibration list is RETIRED now:
+# its kernel-class times (format 3) still fit the kernel terms, and the step's idle time is fitted on
+# runs of this format only (the step became one CUDA graph). The list's order is the run order.
 CALIBRATION = {
+    "n-d1024-e64-k8-f512-L4-s4096-b4-moe": shape(1024, 64, 8, 512, 4, 4096, 4, "moe"),
+    "n-d512-e16-k2-f512-L8-s2048-b32": shape(512, 16, 2, 512, 8, 2048, 32, heads=4, kv=1),
+    "n-d2048-e64-k4-f1024-L4-s8192-b2": shape(2048, 64, 4, 1024, 4, 8192, 2),
+    "n-d4096-e8-k1-f14336-L2-s1024-b16-v16k": shape(4096, 8, 1, 14336, 2, 1024, 16, heads=32, kv=8, vocab=16384),
+    "n-d3072-e32-k4-f2048-L2-s4096-b4-full": shape(3072, 32, 4, 2048, 2, 4096, 4, "full", kv=8),
+    "n-d1536-e48-k6-f640-L6-s2048-b8": shape(1536, 48, 6, 640, 6, 2048, 8, kv=3),
+    "n-d768-e8-k1-f3072-L10-s1024-b48-v48k": shape(768, 8, 1, 3072, 10, 1024, 48, heads=6, kv=2, vocab=49152),
+    "n-d2048-e16-k2-f4096-L4-s512-b64-moe": shape(2048, 16, 2, 4096, 4, 512, 64, "moe"),
+    "n-d1024-e32-k4-f1536-L6-s8192-b2-full": shape(1024, 32, 4, 1536, 6, 8192, 2, "full"),
+    "n-d2560-e16-k2-f1792-L4-s2048-b8-v64k": shape(2560, 16, 2, 1792, 4, 2048, 8, heads=20, kv=4, vocab=65536),
+    "n-d512-e64-k6-f768-L8-s1024-b32": shape(512, 64, 6, 768, 8, 1024, 32, heads=4, kv=1),
+    "n-d4096-e16-k1-f8192-L2-s1024-b8-moe": shape(4096, 16, 1, 8192, 2, 1024, 8, "moe", kv=8),
+    "n-d1536-e8-k4-f2560-L6-s4096-b4-v32k": shape(1536, 8, 4, 2560, 6, 4096, 4, kv=3, vocab=32000),
+}
+# Configs of earlier validations (v1-v3 calibration): no longer run, kept so that no held-out config repeats one.
+RETIRED = {
+    "d1024-e16-k2-s2048-b16": shape(1024, 16, 2, 2816, 8, 2048, 16),
+    "d1024-e8-k1-s1024-b64": shape(1024, 8, 1, 2816, 6, 1024, 64),
+    "d2048-e8-k2-s2048-b8": shape(2048, 8, 2, 5632, 4, 2048, 8),
+    "d3072-e16-k2-f4096-s2048-b8": shape(3072, 16, 2, 4096, 2, 2048, 8, kv=8),
+    "d4096-e16-k1-f4096-s1024-b16": shape(4096, 16, 1, 4096, 2, 1024, 16, kv=8),
+    "d1536-e64-k6-f768-s1024-b32-v32k": shape(1536, 64, 6, 768, 4, 1024, 32, vocab=32000),
+    "d1024-e16-k4-s2048-b16-moe": shape(1024, 16, 4, 2816, 6, 2048, 16, "moe"),
+    "d2048-e8-k2-s4096-b4-full": shape(2048, 8, 2, 5632, 4, 4096, 4, "full"),
+    "d1024-e8-k2-s1024-b48-full": shape(1024, 8, 2, 2816, 6, 1024, 48, "full"),
+    "d4096-e32-k8-f1024-s2048-b4-moe": shape(4096, 32, 8, 1024, 2, 2048, 4, "moe", kv=8),
+    "d2048-e16-k2-f2816-s1024-b32-moe": shape(2048, 16, 2, 2816, 4, 1024, 32, "moe"),
     "h-d1024-e64-k4-f704-L6-s4096-b4-full": shape(1024, 64, 4, 704, 6, 4096, 4, "full"),
     "mixtral-shaped": shape(4096, 8, 2, 14336, 2, 4096, 4, heads=32, kv=8, vocab=32000),
     "h-d2048-e8-k2-f5632-L4-s8192-b2-moe": shape(2048, 8, 2, 5632, 4, 8192, 2, "moe"),
@@ -88,36 +118,22 @@ CALIBRATION = {
     "d2048-e32-k4-f1408-s4096-b4": shape(2048, 32, 4, 1408, 4, 4096, 4),
     "d1024-e64-k8-f512-s1024-b16": shape(1024, 64, 8, 512, 6, 1024, 16),
 }
-# v1/v2's other calibration configs: no longer run, kept so that no held-out config repeats one.
-RETIRED = {
-    "d1024-e16-k2-s2048-b16": shape(1024, 16, 2, 2816, 8, 2048, 16),
-    "d1024-e8-k1-s1024-b64": shape(1024, 8, 1, 2816, 6, 1024, 64),
-    "d2048-e8-k2-s2048-b8": shape(2048, 8, 2, 5632, 4, 2048, 8),
-    "d3072-e16-k2-f4096-s2048-b8": shape(3072, 16, 2, 4096, 2, 2048, 8, kv=8),
-    "d4096-e16-k1-f4096-s1024-b16": shape(4096, 16, 1, 4096, 2, 1024, 16, kv=8),
-    "d1536-e64-k6-f768-s1024-b32-v32k": shape(1536, 64, 6, 768, 4, 1024, 32, vocab=32000),
-    "d1024-e16-k4-s2048-b16-moe": shape(1024, 16, 4, 2816, 6, 2048, 16, "moe"),
-    "d2048-e8-k2-s4096-b4-full": shape(2048, 8, 2, 5632, 4, 4096, 4, "full"),
-    "d1024-e8-k2-s1024-b48-full": shape(1024, 8, 2, 2816, 6, 1024, 48, "full"),
-    "d4096-e32-k8-f1024-s2048-b4-moe": shape(4096, 32, 8, 1024, 2, 2048, 4, "moe", kv=8),
-    "d2048-e16-k2-f2816-s1024-b32-moe": shape(2048, 16, 2, 2816, 4, 1024, 32, "moe"),
-}
-# Never measured. Long sequences (4096-8192) and many small experts (32-64 of ffn 512-1024) are where the
-# previous model missed most; every one fits in < 60 GiB by the memory model (within 8 % on v2).
+# Never measured (session 4): across dim, experts (8-128), top-k, ffn, sequence length (1024-8192), batch,
+# layers, vocabulary and checkpointing.
 HELDOUT = {
-    "n-d1024-e64-k8-f512-L4-s4096-b4-moe": shape(1024, 64, 8, 512, 4, 4096, 4, "moe"),
-    "n-d512-e16-k2-f512-L8-s2048-b32": shape(512, 16, 2, 512, 8, 2048, 32, heads=4, kv=1),
-    "n-d2048-e64-k4-f1024-L4-s8192-b2": shape(2048, 64, 4, 1024, 4, 8192, 2),
-    "n-d4096-e8-k1-f14336-L2-s1024-b16-v16k": shape(4096, 8, 1, 14336, 2, 1024, 16, heads=32, kv=8, vocab=16384),
-    "n-d3072-e32-k4-f2048-L2-s4096-b4-full": shape(3072, 32, 4, 2048, 2, 4096, 4, "full", kv=8),
-    "n-d1536-e48-k6-f640-L6-s2048-b8": shape(1536, 48, 6, 640, 6, 2048, 8, kv=3),
-    "n-d768-e8-k1-f3072-L10-s1024-b48-v48k": shape(768, 8, 1, 3072, 10, 1024, 48, heads=6, kv=2, vocab=49152),
-    "n-d2048-e16-k2-f4096-L4-s512-b64-moe": shape(2048, 16, 2, 4096, 4, 512, 64, "moe"),
-    "n-d1024-e32-k4-f1536-L6-s8192-b2-full": shape(1024, 32, 4, 1536, 6, 8192, 2, "full"),
-    "n-d2560-e16-k2-f1792-L4-s2048-b8-v64k": shape(2560, 16, 2, 1792, 4, 2048, 8, heads=20, kv=4, vocab=65536),
-    "n-d512-e64-k6-f768-L8-s1024-b32": shape(512, 64, 6, 768, 8, 1024, 32, heads=4, kv=1),
-    "n-d4096-e16-k1-f8192-L2-s1024-b8-moe": shape(4096, 16, 1, 8192, 2, 1024, 8, "moe", kv=8),
-    "n-d1536-e8-k4-f2560-L6-s4096-b4-v32k": shape(1536, 8, 4, 2560, 6, 4096, 4, kv=3, vocab=32000),
+    "v-d1024-e8-k2-f3584-L6-s2048-b16": shape(1024, 8, 2, 3584, 6, 2048, 16),
+    "v-d2048-e32-k2-f1536-L4-s4096-b4-moe": shape(2048, 32, 2, 1536, 4, 4096, 4, "moe"),
+    "v-d768-e32-k4-f1024-L8-s1024-b32": shape(768, 32, 4, 1024, 8, 1024, 32, heads=6, kv=2),
+    "v-d3072-e16-k2-f3072-L3-s2048-b8-v32k": shape(3072, 16, 2, 3072, 3, 2048, 8, kv=8, vocab=32000),
+    "v-d1536-e64-k8-f512-L4-s2048-b8": shape(1536, 64, 8, 512, 4, 2048, 8),
+    "v-d512-e8-k2-f2048-L12-s4096-b8": shape(512, 8, 2, 2048, 12, 4096, 8, heads=4, kv=2),
+    "v-d4096-e8-k2-f6144-L2-s2048-b8-full": shape(4096, 8, 2, 6144, 2, 2048, 8, "full", heads=32, kv=8),
+    "v-d2560-e32-k4-f1280-L4-s1024-b16-v32k": shape(2560, 32, 4, 1280, 4, 1024, 16, heads=20, kv=4, vocab=32000),
+    "v-d1024-e128-k8-f256-L4-s2048-b8": shape(1024, 128, 8, 256, 4, 2048, 8),
+    "v-d2048-e8-k1-f8192-L4-s1024-b16-moe-v16k": shape(2048, 8, 1, 8192, 4, 1024, 16, "moe", vocab=16384),
+    "v-d1280-e16-k4-f2048-L6-s8192-b1": shape(1280, 16, 4, 2048, 6, 8192, 1, heads=10, kv=2),
+    "v-d3584-e8-k2-f9728-L2-s4096-b2": shape(3584, 8, 2, 9728, 2, 4096, 2, heads=28, kv=4),
+    "v-d896-e24-k3-f1152-L10-s1024-b24-v24k": shape(896, 24, 3, 1152, 10, 1024, 24, heads=7, kv=1, vocab=24576),
 }
 _USED = {**CALIBRATION, **RETIRED}
 assert not set(_USED) & set(HELDOUT) and not set(CALIBRATION) & set(RETIRED)
@@ -147,6 +163,7 @@ def child(args) -> None:
     with trainer_kept_open() as kept:
         out = timed_train(cfg, args.warmup)
         del out["losses"]
+        out["cuda_graph"] = kept[-1].graph is not None if kept else None
         started = time.perf_counter()
         try:
             out["profile"] = profile_classes(cfg, kept)
