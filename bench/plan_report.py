@@ -111,7 +111,7 @@ def report(paths: list[Path], constants_choice: str = "fit") -> dict:
                  if constants_choice == "fit" else H200_CONSTANTS)
     rows = []
     for r in runs:
-        p = predict(r.overrides, constants)
+        p = predict([*r.overrides, *([] if r.graphed else ["train.cuda_graph=off"])], constants)  # as it ran
         ckpt = next((o.split("=", 1)[1] for o in r.overrides if o.startswith("train.activation_checkpointing=")), "none")
         row = {"label": r.label, "set": r.set, "ckpt": ckpt, "measured_step_ms": r.step_s * 1e3,
                "predicted_step_ms": p["step_ms"], "err_step": p["step_ms"] / (r.step_s * 1e3) - 1,

@@ -27,8 +27,12 @@ of the measured step time; the symbols are the constants' names (`Constants` say
                  forward and backward
   t_optimizer    opt_bytes per local parameter / copy bandwidth + opt_us per parameter tensor (one AdamW
                  pass per tensor, the gradient norm)
-  t_idle         idle_layer_ms per layer + idle_step_ms per step: the device waiting for the host (launch
-                 gaps, the step's syncs); fitted to measured step time minus the summed kernel time
+  t_idle         the device waiting for the host: per layer and per step, with its own constants for a
+                 step launched op by op (idle_layer_ms, idle_step_ms: launch gaps of a host-bound step) and
+                 for a step replayed as one CUDA graph (graph_idle_layer_ms, graph_idle_step_ms: the gaps
+                 between the graph's kernels, the logged steps' syncs); fitted to measured step time minus
+                 the summed kernel time, of runs launched the same way. A single-GPU step is one graph
+                 (train.cuda_graph, train/cuda_graph.py); steps on a mesh are not.
   t_tp           per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
                  embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
                  tp <= GPUs per node, else on the inter-node link
@@ -113,8 +117,9 @@ class Constants:
                   gradient and parameter, fp32 master and two moments read and written), the gradient
                   norm reads the gradient (2)]
     opt_us        microseconds per parameter tensor (one AdamW launch each) [0]
-    idle_layer_ms milliseconds the device waits for the host per layer per step [0]
-    idle_step_ms  milliseconds the device waits for the host per step [0]
+    idle_layer_ms milliseconds the device waits for the host per layer per step, launched op by op [0]
+    idle_step_ms  milliseconds the device waits for the host per step, launched op by op [0]
+    graph_idle_layer_ms, graph_idle_step_ms  the same, for a step replayed as one CUDA graph [0]
     """
     gemm_a: float
     gemm_b: float
@@ -133,6 +138,8 @@ class Constants:
     opt_us: float
     idle_layer_ms: float
     idle_step_ms: float
+    graph_idle_layer_ms: float
+    graph_idle_step_ms: float
     source: str = ""
 
     def gemm_efficiency(self, n: float) -> float:
@@ -153,7 +160,8 @@ PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
           "elem_vocab": ("elementwise", 0.0), "elem_us": ("elementwise", 0.0),
           "head_bytes": ("head", 2.0),
           "opt_bytes": ("optimizer", 30.0), "opt_us": ("optimizer", 0.0),
-          "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0)}
+          "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0),
+          "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0)}
 LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 
 # SHIPPED: this model's fit to the 18 calibration configs of bench/results/plan_validate_v3.json and
@@ -164,7 +172,7 @@ LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 # GPU step in these runs (fixed since, not re-measured): idle is the least reliable term.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE] --json`; a test keeps
 # these equal to the fit.
-H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.13177, grouped_a=1.1143, grouped_b=0.059662, grouped_us=1.3247, attn_a=1.3848, attn_b=0.66037, elem_layer=48.784, elem_moe=11.656, elem_ffn=10.681, elem_vocab=13.307, elem_us=395.75, head_bytes=7.641, opt_bytes=32.166, opt_us=3.196, idle_layer_ms=3.9489, idle_step_ms=1.8833,
+H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.13177, grouped_a=1.1143, grouped_b=0.059662, grouped_us=1.3247, attn_a=1.3848, attn_b=0.66037, elem_layer=48.784, elem_moe=11.656, elem_ffn=10.681, elem_vocab=13.307, elem_us=395.75, head_bytes=7.641, opt_bytes=32.166, opt_us=3.196, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0, graph_idle_step_ms=0,
                            source="fitted to the calibration runs of bench/results/plan_validate_v3.json + "
                                   "plan_validate_v3_rest.json (1 x H200)")
 
@@ -218,9 +226,10 @@ class StepTime:
         return max(self.terms, key=self.terms.get)
 
 
-def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, imbalance: float) -> dict[str, float]:
+def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, imbalance: float,
+             graphed: bool) -> dict[str, float]:
     """Per constant, the seconds its part of a term takes at constant 1 (every term is the sum of its
-    constants times these)."""
+    constants times these). `graphed`: the step is replayed as one CUDA graph."""
     s = shape
     peak = gpu.peak_tflops * 1e12
     bw = gpu.copy_gbs * 1e9
@@ -251,7 +260,8 @@ def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, 
             "elem_vocab": 2 * s.tokens * s.vocab / tp / bw, "elem_us": layer_passes * 1e-6,
             "head_bytes": 4 * s.tokens * s.vocab / tp / bw,
             "opt_bytes": s.local_params / bw, "opt_us": s.param_tensors * 1e-6,
-            "idle_layer_ms": s.n_layers * 1e-3, "idle_step_ms": 1e-3}
+            "idle_layer_ms": 0.0 if graphed else s.n_layers * 1e-3, "idle_step_ms": 0.0 if graphed else 1e-3,
+            "graph_idle_layer_ms": s.n_layers * 1e-3 if graphed else 0.0, "graph_idle_step_ms": 1e-3 if graphed else 0.0}
 
 
 def compute_terms(f: dict[str, float], c: Constants) -> dict[str, float]:
@@ -291,8 +301,8 @@ def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU
 
 
 def step_time(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int, imbalance: float,
-              constants: Constants) -> StepTime:
-    terms = compute_terms(features(shape, dp, ep, tp, recompute, gpu, imbalance), constants)
+              constants: Constants, graphed: bool = False) -> StepTime:
+    terms = compute_terms(features(shape, dp, ep, tp, recompute, gpu, imbalance, graphed), constants)
     terms.update(comm_terms(shape, dp, ep, tp, recompute, gpu, gpus_per_node, imbalance))
     return StepTime(terms)
 
@@ -328,6 +338,7 @@ TRAIN_E2E_CONFIGS = {
                      "model.max_seq_len=4096", "train.seq_len=4096", "train.global_batch=4"],
 }
 FIT_FORMAT = "moemesh plan_validate 3"  # the first format with kernel time per class
+FIT_FORMATS = (FIT_FORMAT, "moemesh plan_validate 4")  # 4: and whether each run's step was a CUDA graph
 
 
 @dataclass
@@ -338,6 +349,7 @@ class Run:
     step_s: float  # measured
     memory_gib: float | None  # measured torch.cuda.max_memory_allocated
     kernel_s: dict[str, float] | None = None  # measured GPU seconds per step by kernel class (format 3)
+    graphed: bool = False  # the step was replayed as one CUDA graph (format 4 says; earlier ones were not)
 
     def term_s(self, term: str) -> float:
         """The measured counterpart of a compute term: its kernel class, or for idle the step time that no
@@ -376,8 +388,10 @@ def load_runs(path: Path) -> list[Run]:
         if memory is None and isinstance(run.get("measured"), dict):
             memory = run["measured"].get("peak_memory_gib")
         tokens = _tokens(overrides)
+        measured = run.get("measured") if isinstance(run.get("measured"), dict) else {}
         out.append(Run(label, run.get("set", "calibration"), overrides, tokens / run["tokens_per_s"], memory,
-                       _kernel_s(run) if data.get("format") == FIT_FORMAT else None))
+                       _kernel_s(run) if data.get("format") in FIT_FORMATS else None,
+                       bool(measured.get("cuda_graph", run.get("cuda_graph", False)))))
     if not out:
         raise UserError(f"plan: --calibrate {path}: no measured run (tokens_per_s) in it")
     return out
@@ -397,7 +411,7 @@ def _tokens(overrides: list[str]) -> int:
     return cfg.train.global_batch * cfg.train.seq_len
 
 
-def run_features(overrides: list[str], gpu: GPU) -> dict[str, float]:
+def run_features(overrides: list[str], gpu: GPU, graphed: bool) -> dict[str, float]:
     """features() of a single-GPU run of the `gpu` preset with these overrides (layout (1, 1, 1))."""
     from moemesh.config import load_config
     from moemesh.parallel.layout import build_layout
@@ -405,7 +419,7 @@ def run_features(overrides: list[str], gpu: GPU) -> dict[str, float]:
 
     cfg = load_config("gpu", overrides)
     shape = shape_of(cfg, build_layout(meta_model(cfg.model), 1, 1, 1, False))
-    return features(shape, 1, 1, 1, cfg.train.activation_checkpointing, gpu, 1.0)
+    return features(shape, 1, 1, 1, cfg.train.activation_checkpointing, gpu, 1.0, graphed)
 
 
 def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
@@ -419,7 +433,7 @@ def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
         raise UserError(f"plan: --calibrate {files or 'runs'}: no calibration run with kernel times per class "
                         f"(the fit needs bench/plan_validate.py's format '{FIT_FORMAT}'; older files can only be "
                         f"evaluated, by bench/plan_report.py --constants shipped)")
-    feats = [run_features(r.overrides, gpu) for r in runs]
+    feats = [run_features(r.overrides, gpu, r.graphed) for r in runs]
     step = np.array([r.step_s for r in runs])
     values = {}
     for term in TERMS:

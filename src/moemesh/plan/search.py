@@ -18,6 +18,7 @@ from moemesh.config import Config, _validate_layout, load_config
 from moemesh.errors import ConfigError, UserError
 from moemesh.plan.cost import GPU, GPUS, H200_CONSTANTS, Constants, fit, shape_of, step_time
 from moemesh.plan.memory import GIB, estimate_layout, meta_model
+from moemesh.train import cuda_graph
 
 HEADROOM = 0.95  # fraction of GPU memory a plan may use: allocator fragmentation, NCCL buffers
 IMBALANCE = 1.3  # max/mean rows per expert rank under natural routing (measured 1.28 per expert, Mixtral shape)
@@ -81,6 +82,7 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
     by_sp: dict[bool, CountsByLayout] = {}
     modes = {mode: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
              for mode in ("none", "moe", "full")}
+    graphed = cuda_graph.planned(cfg, gpus)  # one CUDA graph per step: a single GPU only
     out = []
     for dp, ep, tp in factorisations(gpus):
         for sp in ((False, True) if tp > 1 else (False,)):
@@ -92,7 +94,7 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
             shape = shape_of(cfg, layout, counts)
             for mode, c in modes.items():
                 mem = estimate_layout(c, "cuda", layout, imbalance, counts)
-                t = step_time(shape, dp, ep, tp, mode, gpu, gpus_per_node, imbalance, constants)
+                t = step_time(shape, dp, ep, tp, mode, gpu, gpus_per_node, imbalance, constants, graphed)
                 build = 0 if sharded_init else mem.full_model + mem.overhead
                 need = max(mem.device, build)
                 out.append(Candidate(dp, ep, tp, sp, mode, mem.allocated, build, mem.overhead, t.terms,

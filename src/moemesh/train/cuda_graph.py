@@ -29,12 +29,12 @@ from moemesh.errors import UserError
 WARMUP_STEPS = 2  # eager steps before the capture: optimizer state exists and the Triton kernels are built
 
 
-def unsupported(cfg: Config, device: torch.device, fused_master: bool) -> str | None:
+def unsupported(cfg: Config, device_type: str, world_size: int, fused_master: bool) -> str | None:
     """Why this run's step cannot be one CUDA graph, or None when it can."""
-    if device.type != "cuda":
-        return f"train.device is {device.type!r}"
-    if cfg.parallel.world_size > 1:
-        return f"the mesh has {cfg.parallel.world_size} ranks"
+    if device_type != "cuda":
+        return f"train.device is {device_type!r}"
+    if world_size > 1:
+        return f"the mesh has {world_size} ranks"
     if cfg.model.dispatch != "dropless":
         return f"model.dispatch={cfg.model.dispatch!r}"
     if not fused_master:
@@ -48,7 +48,7 @@ def wanted(cfg: Config, device: torch.device, fused_master: bool) -> bool:
     """'auto': where the step can be captured; 'on': there, and a one-line error elsewhere."""
     if cfg.train.cuda_graph == "off":
         return False
-    reason = unsupported(cfg, device, fused_master)
+    reason = unsupported(cfg, device.type, cfg.parallel.world_size, fused_master)
     if reason is not None and cfg.train.cuda_graph == "on":
         raise UserError(f"train.cuda_graph='on' needs one process on a CUDA device, model.dispatch='dropless', "
                         f"bf16 parameters with train.fused_master_step=true and train.compile=false; here {reason} "
@@ -72,3 +72,12 @@ class CapturedStep:
         self.batch_BS.copy_(batch_BS, non_blocking=True)
         self.graph.replay()
         return tuple(out.clone() for out in self.outputs)
+
+
+def planned(cfg: Config, world_size: int) -> bool:
+    """Whether `cfg` trained on CUDA GPUs (with Triton) at this world size replays its step as one graph:
+    what the planner assumes of the machine it plans for."""
+    from moemesh.train.loop import param_dtype
+
+    fused_master = cfg.train.fused_master_step and param_dtype(cfg, torch.device("cuda")) == torch.bfloat16
+    return cfg.train.cuda_graph != "off" and unsupported(cfg, "cuda", world_size, fused_master) is None

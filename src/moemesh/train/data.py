@@ -15,6 +15,7 @@ V vocabulary states, K successors per state (data.branching).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ import torch
 from moemesh.config import DataConfig
 from moemesh.errors import UserError
 
+PYTHON_WALK_ROWS = 16  # a synthetic batch of fewer rows is walked in plain Python (MarkovSource._walk_rows)
 _TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _BYTE_VOCAB = 256
 
@@ -97,16 +99,20 @@ class MarkovSource:
         self.entropy_floor = _entropy_rate(self.stationary_V, self.probs_VK)
         self._cdf_VK = _cdf(self.probs_VK)
         self._start_cdf_V = _cdf(self.stationary_V)
+        self._lists: tuple[list, list] | None = None  # the CDF and successor tables as Python lists
 
     def global_batch(self, step: int, global_batch: int, seq_len: int) -> torch.Tensor:
         """Each position's successor choice is a draw of one uniform per row against the state's CDF. The
-        walk is sequential in position, so its loop runs in numpy on uniforms drawn up front (the same
-        values, in the same order, as one draw per position): ~4x faster than a torch call per position,
-        which took ~0.1-0.3 s per 8192-token batch, as long as or longer than a GPU step."""
+        walk is sequential in position, so it runs on uniforms drawn up front (the same values, in the
+        same order, as one draw per position): in numpy, one vectorised pass per position over the rows
+        (~4 us a position), or for few rows in plain Python, one bisection per token (~0.3 us a token):
+        an 8192-token row took ~33 ms the first way, as long as a GPU step at that sequence length."""
         gen = _generator(self.seed, "batch", step)
         u_B = torch.rand(global_batch, generator=gen, dtype=torch.float64)
         u_TB = torch.rand(seq_len, global_batch, generator=gen, dtype=self._cdf_VK.dtype).numpy()
         state_B = torch.searchsorted(self._start_cdf_V, u_B, right=True).numpy()
+        if global_batch < PYTHON_WALK_ROWS:
+            return torch.from_numpy(self._walk_rows(state_B, u_TB))
         cdf_VK, successors_VK = self._cdf_VK.numpy(), self.successors_VK.numpy()
         batch_BT = np.empty((global_batch, seq_len + 1), dtype=np.int64)
         batch_BT[:, 0] = state_B
@@ -116,6 +122,21 @@ class MarkovSource:
             state_B = successors_VK[state_B, choice_B]
             batch_BT[:, pos + 1] = state_B
         return torch.from_numpy(batch_BT)
+
+    def _walk_rows(self, state_B: np.ndarray, u_TB: np.ndarray) -> np.ndarray:
+        """The same walk row by row in Python: bisect_right(cdf, u) is the count of CDF entries <= u, and
+        Python floats hold the CDF's and the uniforms' values exactly, so the tokens are the same."""
+        if self._lists is None:  # made once: ~1 ms per 8192 states
+            self._lists = (self._cdf_VK.tolist(), self.successors_VK.tolist())
+        cdf, successors = self._lists
+        batch_BT = np.empty((len(state_B), u_TB.shape[0] + 1), dtype=np.int64)
+        for row, (state, u_T) in enumerate(zip(state_B.tolist(), u_TB.T.tolist())):
+            walk = [state]
+            for u in u_T:
+                state = successors[state][bisect.bisect_right(cdf[state], u)]
+                walk.append(state)
+            batch_BT[row] = walk
+        return batch_BT
 
 
 def _random_chain(num_states: int, branching: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
