@@ -12,6 +12,7 @@
      as milliseconds and as a share of the measured step (what the class's misfit costs the total).
 
     python bench/plan_report.py RESULTS.json [MORE.json ...] [--constants fit|shipped] [--out report.json]
+                                [--fit-also EARLIER.json ...]
 
 Older files (format 2, the first plan_validate.json, train_e2e.json: no profile; runs without a set count
 as calibration) give the step-time and memory tables with --constants shipped; fitting them is refused
@@ -101,12 +102,15 @@ def term_summary(rows: list[dict]) -> dict:
     return out
 
 
-def report(paths: list[Path], constants_choice: str = "fit") -> dict:
+def report(paths: list[Path], constants_choice: str = "fit", fit_also: tuple[Path, ...] = ()) -> dict:
+    """`fit_also`: files whose calibration runs join the fit, but whose runs are not tabulated (an earlier
+    protocol's measurements, whose held-out configs were spent)."""
     from moemesh.plan.cost import GPUS, H200_CONSTANTS, TERMS, fit_runs, load_runs
 
     runs = [r for p in paths for r in load_runs(p)]
-    calibration = [r for r in runs if r.set == "calibration"]
-    names = " + ".join(map(str, paths))
+    calibration = [r for p in fit_also for r in load_runs(p) if r.set == "calibration"]
+    calibration += [r for r in runs if r.set == "calibration"]
+    names = " + ".join(map(str, [*fit_also, *paths]))
     constants = (fit_runs(calibration, GPUS["h200"], names)
                  if constants_choice == "fit" else H200_CONSTANTS)
     rows = []
@@ -121,7 +125,7 @@ def report(paths: list[Path], constants_choice: str = "fit") -> dict:
                "measured_terms_ms": {t: r.term_s(t) * 1e3 for t in TERMS} if r.kernel_s is not None else None}
         rows.append(row)
     sets = sorted({r["set"] for r in rows})
-    return {"files": [str(p) for p in paths], "constants": {k: v for k, v in vars(constants).items()},
+    return {"files": [str(p) for p in paths], "fit_also": [str(p) for p in fit_also], "constants": {k: v for k, v in vars(constants).items()},
             "fitted_runs": sum(r.kernel_s is not None for r in calibration) if constants_choice == "fit" else 0,
             "rows": rows, "summary": {s: summarize([r for r in rows if r["set"] == s]) for s in sets},
             "terms": {s: term_summary([r for r in rows if r["set"] == s]) for s in sets}}
@@ -181,11 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--constants", choices=("fit", "shipped"), default="fit")
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--fit-also", type=Path, nargs="*", default=[],
+                        help="files whose calibration runs join the fit without being tabulated")
     args = parser.parse_args(argv)
     from moemesh.errors import UserError
 
     try:
-        rep = report(args.files, args.constants)
+        rep = report(args.files, args.constants, tuple(args.fit_also))
     except UserError as exc:
         print(f"plan_report: {exc}", file=sys.stderr)
         return 2

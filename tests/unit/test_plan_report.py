@@ -33,7 +33,7 @@ def fixture_file(tmp_path: Path):
     runs = {}
     for label in labels:
         cfg = load_config("gpu", HELDOUT[label])
-        runs[label] = {"set": "heldout", "overrides": HELDOUT[label],
+        runs[label] = {"set": "heldout", "overrides": HELDOUT[label], "measured": {"cuda_graph": True},
                        "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / measured_s[label],
                        "measured_memory_gib": predicted[label]["memory_gib"] * (1.25 if label == c else 1.0)}
     path = tmp_path / "fixture.json"
@@ -67,19 +67,23 @@ def test_report_bad_file(tmp_path: Path, capsys):
 
 def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
     """Calibration runs measured exactly as TRUTH predicts, held-out runs off by known factors (every term
-    and the step alike): the fit gives TRUTH back, calibration errors are 0, and each held-out row's step
-    and term errors are its factor's."""
+    and the step alike), steps replayed as CUDA graphs; steps launched op by op in a file that only joins
+    the fit (--fit-also): the fit gives TRUTH back (both idle pairs), calibration errors are 0, each
+    held-out row's step and term errors are its factor's, and the --fit-also file's runs are not tabulated."""
     from moemesh.plan.cost import PARAMS, TERMS
 
     errors = {label: e for label, e in zip(list(HELDOUT)[:4], (0.10, -0.20, 0.05, 0.0))}
     runs = {label: ("calibration", o, TRUTH, 1.0) for label, o in CALIBRATION.items()}
     runs.update({label: ("heldout", HELDOUT[label], TRUTH, 1 / (1 + e)) for label, e in errors.items()})
-    write_measurements(tmp_path / "m.json", runs)
-    assert plan_report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.json")]) == 0
+    write_measurements(tmp_path / "m.json", runs, graphed=True)
+    write_measurements(tmp_path / "eager.json", {f"eager-{label}": ("calibration", o, TRUTH, 1.0)
+                                                 for label, o in CALIBRATION.items()})
+    assert plan_report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.json"),
+                             "--fit-also", str(tmp_path / "eager.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     for name in PARAMS:
         assert rep["constants"][name] == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
-    assert rep["fitted_runs"] == len(CALIBRATION)
+    assert rep["fitted_runs"] == 2 * len(CALIBRATION) and not any(r["label"].startswith("eager-") for r in rep["rows"])
     calibration, held = rep["summary"]["calibration"], rep["summary"]["heldout"]
     assert calibration["n"] == len(CALIBRATION) and calibration["step_mae"] < 1e-9
     assert all(t["mae_share_of_step"] < 1e-9 for t in rep["terms"]["calibration"].values())

@@ -119,7 +119,8 @@ class Constants:
     opt_us        microseconds per parameter tensor (one AdamW launch each) [0]
     idle_layer_ms milliseconds the device waits for the host per layer per step, launched op by op [0]
     idle_step_ms  milliseconds the device waits for the host per step, launched op by op [0]
-    graph_idle_layer_ms, graph_idle_step_ms  the same, for a step replayed as one CUDA graph [0]
+    graph_idle_layer_ms  the same per layer, for a step replayed as one CUDA graph [0]
+    graph_idle_step_ms   the same per step, for a step replayed as one CUDA graph [0]
     """
     gemm_a: float
     gemm_b: float
@@ -164,17 +165,19 @@ PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
           "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0)}
 LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 
-# SHIPPED: this model's fit to the 18 calibration configs of bench/results/plan_validate_v3.json and
-# plan_validate_v3_rest.json (1 x H200, session 3: Triton kernels on; two device calls, the second measured
-# the configs the first ran out of time for); the 13 held-out configs of those files are not used. Each
-# kernel class fits its own measured time to a few percent (docs/planner.md). The idle constants absorb the
-# host-bound gaps and, at 4096-8192-token sequences, the synthetic batch thread, which was slower than the
-# GPU step in these runs (fixed since, not re-measured): idle is the least reliable term.
-# Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE] --json`; a test keeps
+# SHIPPED: this model's fit to the calibration runs of bench/results/plan_validate_v3.json,
+# plan_validate_v3_rest.json (session 3: 18 configs, steps launched op by op) and plan_validate_v4.json
+# (session 4: 13 configs, session 3's held-out list, each step one CUDA graph). Kernel classes are fitted on
+# all 31 runs (the kernels did not change between the sessions); each idle pair on the runs launched its
+# way. The 13 held-out configs of v4 are not used (nor v3's held-out runs, whose configs v4 re-measured).
+# The op-by-op idle constants absorb host-bound gaps and, at 4096-8192-token sequences, the synthetic batch
+# thread of that time (since made ~16x faster for small batches): they apply to steps on a mesh, which
+# are not graphs, and have not been checked on several GPUs.
+# Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE ...] --json`; a test keeps
 # these equal to the fit.
-H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.13177, grouped_a=1.1143, grouped_b=0.059662, grouped_us=1.3247, attn_a=1.3848, attn_b=0.66037, elem_layer=48.784, elem_moe=11.656, elem_ffn=10.681, elem_vocab=13.307, elem_us=395.75, head_bytes=7.641, opt_bytes=32.166, opt_us=3.196, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0, graph_idle_step_ms=0,
+H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703,
                            source="fitted to the calibration runs of bench/results/plan_validate_v3.json + "
-                                  "plan_validate_v3_rest.json (1 x H200)")
+                                  "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200)")
 
 
 def _interp(table, size_mb: float) -> float:

@@ -1,0 +1,55 @@
+"""Which runs capture their step as one CUDA graph (train/cuda_graph.py), decided in one place that the
+Trainer, preflight and the planner all read. The capture itself needs a GPU: tests/gpu/test_cuda_graph.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moemesh.config import load_config
+from moemesh.errors import UserError
+from moemesh.plan.cost import GPUS, H200_CONSTANTS
+from moemesh.plan.search import enumerate_plans
+from moemesh.train.cuda_graph import planned, unsupported, wanted
+
+CUDA = torch.device("cuda")  # a device object needs no GPU
+
+
+@pytest.mark.parametrize("overrides, device, world, fused, reason", [
+    ([], "cuda", 1, True, None),
+    ([], "cpu", 1, True, "train.device is 'cpu'"),
+    ([], "cuda", 2, True, "the mesh has 2 ranks"),
+    (["model.dispatch=capacity"], "cuda", 1, True, "model.dispatch='capacity'"),
+    ([], "cuda", 1, False, "not the one-pass master step"),
+    (["train.compile=true"], "cuda", 1, True, "train.compile=true"),
+])
+def test_what_keeps_a_step_from_being_a_graph(overrides, device, world, fused, reason):
+    got = unsupported(load_config("gpu", overrides), device, world, fused)
+    assert got == reason if reason is None else reason in got
+
+
+def test_auto_captures_where_it_can_and_on_says_why_it_cannot():
+    assert wanted(load_config("gpu"), CUDA, True)
+    assert not wanted(load_config("gpu", ["train.cuda_graph=off"]), CUDA, True)
+    assert not wanted(load_config("gpu", ["model.dispatch=capacity"]), CUDA, True)
+    with pytest.raises(UserError, match=r"train.cuda_graph='on' .* here model.dispatch='capacity'"):
+        wanted(load_config("gpu", ["model.dispatch=capacity", "train.cuda_graph=on"]), CUDA, True)
+
+
+@pytest.mark.parametrize("overrides, world, expected", [
+    ([], 1, True), ([], 2, False), (["train.cuda_graph=off"], 1, False), (["train.param_dtype=float32"], 1, False),
+    (["train.dtype=float32"], 1, False), (["train.fused_master_step=false"], 1, False),
+    (["model.dispatch=capacity"], 1, False),
+])
+def test_the_planner_knows_which_steps_are_graphs(overrides, world, expected):
+    assert planned(load_config("gpu", overrides), world) == expected
+
+
+def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_the_op_by_op_one():
+    cfg = load_config("gpu")
+    layers, c = cfg.model.n_layers, H200_CONSTANTS
+    (one,) = [p for p in enumerate_plans(cfg, 1, 8, GPUS["h200"], c) if p.recompute == "none"]
+    assert one.terms["idle"] == pytest.approx((layers * c.graph_idle_layer_ms + c.graph_idle_step_ms) * 1e-3)
+    two = [p for p in enumerate_plans(cfg, 2, 8, GPUS["h200"], c) if p.recompute == "none"]
+    assert two and all(p.terms["idle"] == pytest.approx((layers * c.idle_layer_ms + c.idle_step_ms) * 1e-3)
+                       for p in two)
