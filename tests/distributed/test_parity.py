@@ -134,6 +134,13 @@ def test_gradient_buckets_are_reduced_during_backward(results, case):
     assert overlap["launched_in_backward"] == overlap["buckets"], overlap
 
 
+@pytest.mark.parametrize("case", PARITY, ids=[c.name for c in PARITY])
+def test_a_closed_trainer_is_freed(results, case):
+    """The bucket hooks live in autograd's C++ state, out of the garbage collector's sight: they must not
+    keep the model alive once the Trainer is gone (a second run in one process ran out of GPU memory)."""
+    assert results[case.name]["grad_overlap"]["freed"]
+
+
 def _chunks(case) -> int:
     settings = dict(o.split("=", 1) for o in [*OVERLAP, *case.overrides])
     return int(settings["parallel.ep_overlap_chunks"])

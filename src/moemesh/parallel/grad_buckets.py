@@ -26,6 +26,7 @@ collectives on one group must be issued in the same order on every rank.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,12 @@ class GradSync:
         self.scale = 1.0 / mesh.num_batch_shards
         self.model_params = named
         self._reset()
-        for name in self.slots:
-            named[name].register_post_accumulate_grad_hook(functools.partial(self._arrived, name))
+        # The hooks live in autograd's C++ state, which Python's garbage collector does not see: a hook that
+        # held this object would keep it, the model and its buffers alive after the trainer is gone (a
+        # second Trainer in one process then ran out of GPU memory). They hold a weak reference instead.
+        self_ref = weakref.ref(self)
+        self.hooks = [named[name].register_post_accumulate_grad_hook(functools.partial(_arrived, self_ref, name))
+                      for name in self.slots]
 
     def _reset(self) -> None:
         # A parameter frozen since (requires_grad=False) will send no gradient: its bucket does not wait for it.
@@ -130,6 +135,11 @@ class GradSync:
     def _slot(self, name: str) -> torch.Tensor:
         index, offset, numel = self.slots[name]
         return self.flat[index][offset:offset + numel]
+
+    def close(self) -> None:
+        """Remove the backward hooks (the model may outlive this object)."""
+        for handle in getattr(self, "hooks", ()):
+            handle.remove()
 
     @torch.no_grad()
     def _arrived(self, name: str, param: torch.Tensor) -> None:
@@ -169,3 +179,9 @@ class GradSync:
         if scale_only and self.scale != 1.0:
             torch._foreach_mul_(scale_only, self.scale)
         self._reset()
+
+
+def _arrived(sync_ref: "weakref.ref[GradSync]", name: str, param: torch.Tensor) -> None:
+    sync = sync_ref()
+    if sync is not None:
+        sync._arrived(name, param)

@@ -139,9 +139,11 @@ class Trainer:
         self.eager_steps = 0
 
     def close(self) -> None:
-        """Stop the batch thread (on CUDA); a thread inside a torch call at interpreter exit aborts it."""
+        """Stop the batch thread (on CUDA; a thread inside a torch call at interpreter exit aborts it) and
+        remove the gradient-sync hooks."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        self.grad_sync.close()
 
     def _local_batch(self, step: int) -> torch.Tensor:
         cfg = self.cfg
