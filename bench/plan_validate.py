@@ -49,11 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, WARMUP, LOG_EVERY = 16, 4, 4
 PROFILE_STEPS = 2  # profiled after the timed run, on its Trainer
 PROFILE_WARMUP = 2  # only if train() did not hand its Trainer over: a new one, in a warm process
-# Expected ~16.4 s per config, ~510 s for all 31 (v2's wall_s per config, 13.7 s on average, plus the
-# profile: 2 steps x 1.3 and ~1 s + 0.2 s per layer of profiler start, stop and event processing; new
-# configs at 12 s + 12 steps of 1.3 x the planner's step time); docs/planner.md has the sum. No run starts
-# after DEADLINE_S and a running child is stopped at STOP_S, so the script ends by 8.5 min: an overrun costs
-# the calibration list's tail (the held-out configs are done by ~430 s).
+# Measured in session 4: ~13 s per config (child start, build, 16 steps, profile), 329 s for the first 24
+# of 26 configs. No run starts after DEADLINE_S and a running child is stopped at STOP_S, so the script
+# ends by 8.5 min (one device call); the lists alternate, so a call cut short keeps some of both.
 DEADLINE_S, STOP_S = 485, 510
 FORMAT = "moemesh plan_validate 4"  # 2: no profile; 3: a per-class profile per run; 4: and whether the step was a CUDA graph
 

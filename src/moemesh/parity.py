@@ -92,10 +92,10 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     overlap = {"overlap": sync.overlap, "buckets": len(sync.buckets) if sync.overlap else 0,
                "launched_in_backward": sync.launched_in_backward,
                "all_to_all_in_flight": mesh.trace.max_in_flight if mesh is not None else None}
-    model = weakref.ref(trainer.model)  # a closed Trainer must not outlive its last reference (GPU memory)
+    model_ref = weakref.ref(trainer.model)  # a closed Trainer must not outlive its last reference (GPU memory)
     del trainer, sync
     gc.collect()
-    overlap["freed"] = model() is None
+    overlap["freed"] = model_ref() is None
     return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip,
                            "grad_overlap": overlap}
 

@@ -89,6 +89,19 @@ def test_routing_stats_after_a_validation_loss_are_the_training_steps(tmp_path: 
     trainer.close()
 
 
+def test_every_step_logs_its_own_routing_statistics(tmp_path: Path):
+    """The capture happens at the start of the first replayed step and is replayed at once, so no step
+    leaves statistics the graph has not yet written (a capture at the end of an eager step did)."""
+    trainer = _trainer(tmp_path, "on")
+    for step in range(1, WARMUP_STEPS + 3):
+        trainer.step(step)
+        assert (trainer.graph is not None) == (step > WARMUP_STEPS)
+        for moe in trainer.model.moe_layers():
+            load, dropped = moe.expert_load()
+            assert torch.isfinite(load).all() and float(load.sum()) > 0 and dropped == 0, (step, load, dropped)
+    trainer.close()
+
+
 def test_a_captured_run_resumes_like_an_eager_one(tmp_path: Path):
     straight = _trainer(tmp_path / "s", "off")
     want = _run(straight, 1, STEPS)

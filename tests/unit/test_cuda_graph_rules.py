@@ -15,34 +15,45 @@ from moemesh.train.cuda_graph import planned, unsupported, wanted
 CUDA = torch.device("cuda")  # a device object needs no GPU
 
 
-@pytest.mark.parametrize("overrides, device, world, fused, reason", [
-    ([], "cuda", 1, True, None),
-    ([], "cpu", 1, True, "train.device is 'cpu'"),
-    ([], "cuda", 2, True, "the mesh has 2 ranks"),
-    (["model.dispatch=capacity"], "cuda", 1, True, "model.dispatch='capacity'"),
-    ([], "cuda", 1, False, "not the one-pass master step"),
-    (["train.compile=true"], "cuda", 1, True, "train.compile=true"),
+H200 = (9, 0)
+
+
+@pytest.mark.parametrize("overrides, device, ranks, fused, capability, reason", [
+    ([], "cuda", None, True, H200, None),
+    ([], "cpu", None, True, None, "train.device is 'cpu'"),
+    ([], "cuda", 2, True, H200, "a mesh of 2 rank(s)"),
+    ([], "cuda", 1, True, H200, "a mesh of 1 rank(s)"),  # torchrun with one process
+    (["model.dispatch=capacity"], "cuda", None, True, H200, "model.dispatch='capacity'"),
+    ([], "cuda", None, True, (8, 0), "cannot use torch._grouped_mm"),  # A100: the per-expert loop syncs
+    (["model.ffn_dim=1004"], "cuda", None, True, H200, "model.ffn_dim=1004 must be multiples of 8"),
+    ([], "cuda", None, False, H200, "not the one-pass master step"),
+    (["train.compile=true"], "cuda", None, True, H200, "train.compile=true"),
 ])
-def test_what_keeps_a_step_from_being_a_graph(overrides, device, world, fused, reason):
-    got = unsupported(load_config("gpu", overrides), device, world, fused)
+def test_what_keeps_a_step_from_being_a_graph(overrides, device, ranks, fused, capability, reason):
+    got = unsupported(load_config("gpu", overrides), device, ranks, fused, capability)
     assert got == reason if reason is None else reason in got
 
 
-def test_auto_captures_where_it_can_and_on_says_why_it_cannot():
-    assert wanted(load_config("gpu"), CUDA, True)
-    assert not wanted(load_config("gpu", ["train.cuda_graph=off"]), CUDA, True)
-    assert not wanted(load_config("gpu", ["model.dispatch=capacity"]), CUDA, True)
-    with pytest.raises(UserError, match=r"train.cuda_graph='on' .* here model.dispatch='capacity'"):
-        wanted(load_config("gpu", ["model.dispatch=capacity", "train.cuda_graph=on"]), CUDA, True)
+def test_auto_captures_where_it_can_and_on_says_why_it_cannot(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: H200)
+    assert wanted(load_config("gpu"), CUDA, None, True)
+    assert not wanted(load_config("gpu", ["train.cuda_graph=off"]), CUDA, None, True)
+    assert not wanted(load_config("gpu", ["model.dispatch=capacity"]), CUDA, None, True)
+    assert not wanted(load_config("gpu"), CUDA, 2, True)
+    with pytest.raises(UserError, match=r"train.cuda_graph='on' cannot capture .*: model.dispatch='capacity'"):
+        wanted(load_config("gpu", ["model.dispatch=capacity", "train.cuda_graph=on"]), CUDA, None, True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not wanted(load_config("gpu"), CUDA, None, True)
 
 
 @pytest.mark.parametrize("overrides, world, expected", [
     ([], 1, True), ([], 2, False), (["train.cuda_graph=off"], 1, False), (["train.param_dtype=float32"], 1, False),
     (["train.dtype=float32"], 1, False), (["train.fused_master_step=false"], 1, False),
-    (["model.dispatch=capacity"], 1, False),
+    (["model.dispatch=capacity"], 1, False), (["model.dim=1020", "model.n_heads=6", "model.n_kv_heads=2"], 1, False),
 ])
 def test_the_planner_knows_which_steps_are_graphs(overrides, world, expected):
-    assert planned(load_config("gpu", overrides), world) == expected
+    assert planned(load_config("gpu", overrides), world, H200) == expected
+    assert not planned(load_config("gpu", overrides), world, GPUS["a100"].capability)
 
 
 def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_the_op_by_op_one():

@@ -24,13 +24,20 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_mm_supported(x_RD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+def grouped_mm_runs(dtype: torch.dtype, dims: tuple[int, ...], capability: tuple[int, int] | None) -> bool:
+    """Whether `torch._grouped_mm` takes weights with these trailing dims: 16-byte row strides, bf16 on a
+    CUDA device of compute capability >= 9.0 (`capability`), fp32 on the CPU (capability None)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    row_bytes_ok = all(n * x_RD.element_size() % 16 == 0 for n in w_EDF.shape[1:])
-    if x_RD.is_cuda:
-        return row_bytes_ok and x_RD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_RD.device) >= (9, 0)
-    return row_bytes_ok and x_RD.dtype == torch.float32
+    row_bytes_ok = all(n * torch.tensor([], dtype=dtype).element_size() % 16 == 0 for n in dims)
+    if capability is not None:
+        return row_bytes_ok and dtype == torch.bfloat16 and capability >= (9, 0)
+    return row_bytes_ok and dtype == torch.float32
+
+
+def grouped_mm_supported(x_RD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    capability = torch.cuda.get_device_capability(x_RD.device) if x_RD.is_cuda else None
+    return grouped_mm_runs(x_RD.dtype, tuple(w_EDF.shape[1:]), capability)
 
 
 def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

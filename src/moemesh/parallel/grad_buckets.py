@@ -123,7 +123,7 @@ class GradSync:
         # held this object would keep it, the model and its buffers alive after the trainer is gone (a
         # second Trainer in one process then ran out of GPU memory). They hold a weak reference instead.
         self_ref = weakref.ref(self)
-        self.hooks = [named[name].register_post_accumulate_grad_hook(functools.partial(_arrived, self_ref, name))
+        self.hooks = [named[name].register_post_accumulate_grad_hook(functools.partial(_forward_arrival, self_ref, name))
                       for name in self.slots]
 
     def _reset(self) -> None:
@@ -181,7 +181,7 @@ class GradSync:
         self._reset()
 
 
-def _arrived(sync_ref: "weakref.ref[GradSync]", name: str, param: torch.Tensor) -> None:
+def _forward_arrival(sync_ref: "weakref.ref[GradSync]", name: str, param: torch.Tensor) -> None:
     sync = sync_ref()
     if sync is not None:
         sync._arrived(name, param)

@@ -77,6 +77,7 @@ class GPU:
     nvlink_alltoall: tuple[tuple[float, float], ...]
     inter_node_gbs: float  # ... and across nodes, per GPU (one NIC per GPU)
     source: str
+    capability: tuple[int, int] = (9, 0)  # CUDA compute capability (torch._grouped_mm needs >= 9.0)
 
 
 H200_AR = ((16, 152.0), (64, 228.0), (256, 275.0), (1024, 325.0))  # measured, ENV_NOTES (2 x H200, NV18)
@@ -89,7 +90,7 @@ GPUS = {
     "a100": GPU("a100", 79.2, 780.0 * 312 / 989, 4200.0 * 2.04 / 4.8,
                 tuple((s, b * 600 / 900) for s, b in H200_AR), tuple((s, b * 600 / 900) for s, b in H200_A2A), 22.0,
                 "H200's measurements scaled by spec sheets (312 vs 989 TFLOP/s, 2.0 vs 4.8 TB/s, NVLink 600 vs 900 GB/s); "
-                "200 Gb/s IB assumed"),
+                "200 Gb/s IB assumed", (8, 0)),
 }
 
 
@@ -351,7 +352,7 @@ class Run:
     overrides: list[str]  # on the `gpu` preset
     step_s: float  # measured
     memory_gib: float | None  # measured torch.cuda.max_memory_allocated
-    kernel_s: dict[str, float] | None = None  # measured GPU seconds per step by kernel class (format 3)
+    kernel_s: dict[str, float] | None = None  # measured GPU seconds per step by kernel class (format >= 3)
     graphed: bool = False  # the step was replayed as one CUDA graph (format 4 says; earlier ones were not)
 
     def term_s(self, term: str) -> float:
@@ -428,13 +429,14 @@ def run_features(overrides: list[str], gpu: GPU, graphed: bool) -> dict[str, flo
 def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
     """One bounded least-squares problem per term: its constants against its measured class time over the
     runs, each run's residual relative to the run's step time (so a class's misfit counts as the share
-    of the step it costs). Only runs with kernel times per class (format 3) can be fitted."""
+    of the step it costs). Only runs with kernel times per class (format 3 and later) can be fitted. A launch
+    mode without a run keeps the shipped idle pair (zeros would price its idle as nothing)."""
     import numpy as np
 
     runs = [r for r in runs if r.kernel_s is not None]
     if not runs:
         raise UserError(f"plan: --calibrate {files or 'runs'}: no calibration run with kernel times per class "
-                        f"(the fit needs bench/plan_validate.py's format '{FIT_FORMAT}'; older files can only be "
+                        f"(the fit needs bench/plan_validate.py's format '{FIT_FORMAT}' or later; older files can only be "
                         f"evaluated, by bench/plan_report.py --constants shipped)")
     feats = [run_features(r.overrides, gpu, r.graphed) for r in runs]
     step = np.array([r.step_s for r in runs])
@@ -445,6 +447,9 @@ def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
         y = np.array([r.term_s(term) for r in runs]) / step
         lower = np.array([LOWER[n] for n in names])
         values.update(zip(names, (lower + nnls(a, y - a @ lower)).tolist()))
+    for graphed, pair in ((False, ("idle_layer_ms", "idle_step_ms")), (True, ("graph_idle_layer_ms", "graph_idle_step_ms"))):
+        if not any(r.graphed == graphed for r in runs):
+            values.update({name: getattr(H200_CONSTANTS, name) for name in pair})
     return Constants(**values, source=f"fitted to the calibration runs of {files}" if files else "fitted")
 
 

@@ -82,7 +82,7 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
     by_sp: dict[bool, CountsByLayout] = {}
     modes = {mode: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
              for mode in ("none", "moe", "full")}
-    graphed = cuda_graph.planned(cfg, gpus)  # one CUDA graph per step: a single GPU only
+    graphed = cuda_graph.planned(cfg, gpus, gpu.capability)  # one CUDA graph per step: a single GPU only
     out = []
     for dp, ep, tp in factorisations(gpus):
         for sp in ((False, True) if tp > 1 else (False,)):

@@ -2,13 +2,19 @@
 
 A small model's step is host-bound: the host issues ~1,500 launches (forward, backward, clipping, AdamW,
 router bias) and the GPU waits between them. Captured once, the step is replayed with one launch, and the
-GPU runs it back to back. Capture records the kernels without running them, so the trainer captures
-after its first eager steps (which build the optimizer state and compile the Triton kernels) and replays
-the graph from the next step on; every step is still computed once.
+GPU runs it back to back. Capture records the kernels without running them: the trainer runs its first
+steps eagerly (they build the optimizer state and compile the Triton kernels), captures at the start of
+the next step and replays the graph at once, so every step is computed once and leaves its own values
+(losses, routing statistics) behind. A run of no more steps than the eager ones captures nothing. The
+graph's memory pool keeps the step's activations reserved between steps, so a validation loss's
+activations come on top of them.
 
 What makes the step capturable is decided in one place (`unsupported`):
-  - one process on a CUDA device: the expert all-to-all needs its split sizes on the host;
+  - one process on a CUDA device, without a mesh: the expert all-to-all needs its split sizes on the
+    host, and a mesh's collectives and their bookkeeping are not captured;
   - dropless dispatch: capacity drops give data-dependent shapes;
+  - experts on `torch._grouped_mm` (bf16 rows of 16-byte multiples, compute capability >= 9.0): its
+    per-expert fallback reads the row offsets on the host;
   - bf16 parameters with the one-pass master step (`fused_adamw.py`): its learning rate, step count,
     clipping factor and non-finite check are device tensors, so no value of the step lives on the host;
   - no `train.compile` (Dynamo's guards run on the host, which a replay skips).
@@ -25,18 +31,24 @@ import torch
 
 from moemesh.config import Config
 from moemesh.errors import UserError
+from moemesh.model.grouped import grouped_mm_runs
 
 WARMUP_STEPS = 2  # eager steps before the capture: optimizer state exists and the Triton kernels are built
 
 
-def unsupported(cfg: Config, device_type: str, world_size: int, fused_master: bool) -> str | None:
-    """Why this run's step cannot be one CUDA graph, or None when it can."""
+def unsupported(cfg: Config, device_type: str, ranks: int | None, fused_master: bool,
+                capability: tuple[int, int] | None) -> str | None:
+    """Why this run's step cannot be one CUDA graph, or None when it can. `ranks`: the mesh's size, None
+    without a mesh; `capability`: the CUDA device's compute capability."""
     if device_type != "cuda":
         return f"train.device is {device_type!r}"
-    if world_size > 1:
-        return f"the mesh has {world_size} ranks"
+    if ranks is not None:
+        return f"the run has a mesh of {ranks} rank(s)"
     if cfg.model.dispatch != "dropless":
         return f"model.dispatch={cfg.model.dispatch!r}"
+    if not grouped_mm_runs(torch.bfloat16, (cfg.model.dim, cfg.model.ffn_dim), capability):
+        return (f"the experts cannot use torch._grouped_mm (model.dim={cfg.model.dim} and model.ffn_dim="
+                f"{cfg.model.ffn_dim} must be multiples of 8, on a GPU of compute capability >= 9.0)")
     if not fused_master:
         return "the step is not the one-pass master step (needs bf16 parameters and train.fused_master_step=true)"
     if cfg.train.compile:
@@ -44,15 +56,15 @@ def unsupported(cfg: Config, device_type: str, world_size: int, fused_master: bo
     return None
 
 
-def wanted(cfg: Config, device: torch.device, fused_master: bool) -> bool:
+def wanted(cfg: Config, device: torch.device, ranks: int | None, fused_master: bool) -> bool:
     """'auto': where the step can be captured; 'on': there, and a one-line error elsewhere."""
     if cfg.train.cuda_graph == "off":
         return False
-    reason = unsupported(cfg, device.type, cfg.parallel.world_size, fused_master)
+    local = device.type == "cuda" and ranks is None  # (a launcher's process need not touch the GPU)
+    capability = torch.cuda.get_device_capability(device) if local else None
+    reason = unsupported(cfg, device.type, ranks, fused_master, capability)
     if reason is not None and cfg.train.cuda_graph == "on":
-        raise UserError(f"train.cuda_graph='on' needs one process on a CUDA device, model.dispatch='dropless', "
-                        f"bf16 parameters with train.fused_master_step=true and train.compile=false; here {reason} "
-                        f"(use 'auto' or 'off')")
+        raise UserError(f"train.cuda_graph='on' cannot capture this run's step: {reason} (use 'auto' or 'off')")
     return reason is None
 
 
@@ -63,9 +75,9 @@ class CapturedStep:
     def __init__(self, update: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], example_BS: torch.Tensor):
         self.batch_BS = torch.empty_like(example_BS)
         self.graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph gets its own pool
-        with torch.cuda.graph(self.graph):
+        # (entering syncs and empties the cache, so the graph's pool takes the eager steps' blocks.) The
+        # batch thread may pin memory meanwhile: only this thread's CUDA calls are checked for capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = update(self.batch_BS)
 
     def __call__(self, batch_BS: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,10 +86,12 @@ class CapturedStep:
         return tuple(out.clone() for out in self.outputs)
 
 
-def planned(cfg: Config, world_size: int) -> bool:
-    """Whether `cfg` trained on CUDA GPUs (with Triton) at this world size replays its step as one graph:
-    what the planner assumes of the machine it plans for."""
-    from moemesh.train.loop import param_dtype
+def planned(cfg: Config, world_size: int, capability: tuple[int, int]) -> bool:
+    """Whether `cfg` trained on CUDA GPUs of this compute capability (with Triton) at this world size
+    replays its step as one graph: what the planner assumes of the machine it plans for. One GPU runs
+    without a mesh (`moemesh train`); more GPUs have one."""
+    from moemesh.train.loop import fused_master_wanted
 
-    fused_master = cfg.train.fused_master_step and param_dtype(cfg, torch.device("cuda")) == torch.bfloat16
-    return cfg.train.cuda_graph != "off" and unsupported(cfg, "cuda", world_size, fused_master) is None
+    ranks = None if world_size == 1 else world_size
+    fused_master = fused_master_wanted(cfg, torch.device("cuda"))
+    return cfg.train.cuda_graph != "off" and unsupported(cfg, "cuda", ranks, fused_master, capability) is None

@@ -61,16 +61,21 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def fused_master_wanted(cfg: Config, device: torch.device) -> bool:
+    """Whether the config asks for the one-pass Triton step over fp32 masters (`fused_adamw.py`) here."""
+    return param_dtype(cfg, device) != torch.float32 and runs_ahead(device) and cfg.train.fused_master_step
+
+
 def uses_fused_master(cfg: Config, device: torch.device) -> bool:
-    """Whether the optimizer step is the one-pass Triton step over fp32 masters (`fused_adamw.py`)."""
-    return (param_dtype(cfg, device) != torch.float32 and runs_ahead(device) and cfg.train.fused_master_step
-            and kernels.available(device))
+    """Whether the optimizer step is the one-pass step: asked for, and Triton is there to run it."""
+    return fused_master_wanted(cfg, device) and kernels.available(device)
 
 
 def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     """Everything that can fail on user input, checked before any file is written or process started."""
     device = resolve_device(cfg)
-    cuda_graph.wanted(cfg, device, uses_fused_master(cfg, device))  # 'on' where it cannot be: one line, exit 2
+    ranks = cfg.parallel.world_size if cfg.parallel.world_size > 1 else None  # one process runs without a mesh
+    cuda_graph.wanted(cfg, device, ranks, uses_fused_master(cfg, device))  # 'on' where it cannot: one line, exit 2
     backend = cfg.parallel.backend
     if backend != "auto" and (backend == "nccl") != (device.type == "cuda"):
         raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
@@ -119,7 +124,6 @@ class Trainer:
         # bf16 parameters (`fused_adamw.py`). A single process feeds it the model's bf16 gradients as they
         # are; across ranks they become fp32 master gradients first, so they are reduced in fp32.
         self.fused_master = uses_fused_master(cfg, device)
-        assert not self.fused_master or self.masters is not None
         multi_rank = mesh is not None and mesh.world_size > 1  # torchrun with one process has a mesh of 1
         self.grads_on_masters = self.masters is not None and (not self.fused_master or multi_rank)
         self.grad_holder = self.model if self.masters is not None and not self.grads_on_masters else self.params
@@ -134,7 +138,7 @@ class Trainer:
         # The one-pass master step reads the learning rate from the device, so a captured step sees each
         # step's value; train.cuda_graph captures the whole step after a few eager ones (cuda_graph.py).
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if self.fused_master else None
-        self.capture = cuda_graph.wanted(cfg, device, self.fused_master)
+        self.capture = cuda_graph.wanted(cfg, device, None if mesh is None else mesh.world_size, self.fused_master)
         self.graph: cuda_graph.CapturedStep | None = None
         self.eager_steps = 0
 
@@ -167,6 +171,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         if self.lr is not None:
             self.lr.fill_(lr)
+        if self.graph is None and self.capture and self.eager_steps >= cuda_graph.WARMUP_STEPS:
+            # captured (recorded, not run) now and replayed at once: every value the step leaves behind,
+            # the routing statistics included, is then this step's
+            self.graph = cuda_graph.CapturedStep(self._device_step, batch_BS)
         if self.graph is not None:
             losses, grad_norm, finite = self.graph(batch_BS)
             return losses, grad_norm, lr, finite
@@ -179,8 +187,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         self.eager_steps += 1
-        if self.capture and self.eager_steps >= cuda_graph.WARMUP_STEPS:
-            self.graph = cuda_graph.CapturedStep(self._device_step, batch_BS)  # replayed from the next step on
         return losses, grad_norm, lr, finite
 
     def _forward_backward(self, batch_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
