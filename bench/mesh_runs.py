@@ -184,7 +184,7 @@ def run_layout(job: dict, spec: dict, device: torch.device) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"layout": [dp, ep, tp], "sequence_parallel": job["sequence_parallel"],
+    return {"layout": [dp, ep, tp], "overrides": job["overrides"], "sequence_parallel": job["sequence_parallel"],
             "activation_checkpointing": job["activation_checkpointing"],
             "parallel": {k: getattr(cfg.parallel, k) for k in ("overlap_grad_reduce", "bucket_mb", "ep_overlap_chunks")},
             "build_s": round(build_s, 2), "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],

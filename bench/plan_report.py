@@ -188,16 +188,22 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-also", type=Path, nargs="*", default=[],
                         help="files whose calibration runs join the fit without being tabulated")
     args = parser.parse_args(argv)
+    return run_report("plan_report", lambda: report(args.files, args.constants, tuple(args.fit_also)), format_report,
+                      args.out)
+
+
+def run_report(name: str, make, fmt, out: Path | None) -> int:
+    """Print `fmt(make())` (and write it as JSON to `out`); a UserError is one line on stderr, exit 2."""
     from moemesh.errors import UserError
 
     try:
-        rep = report(args.files, args.constants, tuple(args.fit_also))
+        rep = make()
     except UserError as exc:
-        print(f"plan_report: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
-    print(format_report(rep))
-    if args.out:
-        args.out.write_text(json.dumps(rep, indent=1))
+    print(fmt(rep))
+    if out:
+        out.write_text(json.dumps(rep, indent=1))
     return 0
 
 

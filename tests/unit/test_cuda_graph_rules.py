@@ -56,11 +56,29 @@ def test_the_planner_knows_which_steps_are_graphs(overrides, world, expected):
     assert not planned(load_config("gpu", overrides), world, GPUS["a100"].capability)
 
 
-def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_the_op_by_op_one():
+def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_its_own():
     cfg = load_config("gpu")
     layers, c = cfg.model.n_layers, H200_CONSTANTS
     (one,) = [p for p in enumerate_plans(cfg, 1, 8, GPUS["h200"], c) if p.recompute == "none"]
     assert one.terms["idle"] == pytest.approx((layers * c.graph_idle_layer_ms + c.graph_idle_step_ms) * 1e-3)
+    (eager,) = [p for p in enumerate_plans(load_config("gpu", ["train.cuda_graph=off"]), 1, 8, GPUS["h200"], c)
+                if p.recompute == "none"]
+    assert eager.terms["idle"] == pytest.approx((layers * c.idle_layer_ms + c.idle_step_ms) * 1e-3)
     two = [p for p in enumerate_plans(cfg, 2, 8, GPUS["h200"], c) if p.recompute == "none"]
-    assert two and all(p.terms["idle"] == pytest.approx((layers * c.idle_layer_ms + c.idle_step_ms) * 1e-3)
-                       for p in two)
+    assert {(p.dp, p.ep, p.tp) for p in two} == {(2, 1, 1), (1, 2, 1), (1, 1, 2)}
+    for p in two:
+        mesh = (layers * (c.mesh_idle_layer_ms + c.mesh_tp_layer_ms * (p.tp > 1)) + c.mesh_idle_step_ms
+                + layers * c.mesh_ep_moe_ms * (p.ep > 1))  # every layer of the preset is an MoE layer
+        assert p.terms["idle"] == pytest.approx(mesh * 1e-3), (p.dp, p.ep, p.tp)
+
+
+def test_the_planner_does_not_import_the_training_loop():
+    """`moemesh plan` must answer in < 2 s: the loop's imports (torch.distributed.checkpoint, ~0.6 s) stay out."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moemesh.config import load_config; from moemesh.plan.cost import GPUS, H200_CONSTANTS; "
+            "from moemesh.plan.search import enumerate_plans; "
+            "enumerate_plans(load_config('gpu'), 1, 8, GPUS['h200'], H200_CONSTANTS); "
+            "assert 'moemesh.train.loop' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,8 +14,8 @@ import pytest
 from moemesh.config import load_config
 from moemesh.errors import ConfigError, UserError
 from moemesh.parallel.layout import build_layout
-from moemesh.plan.cost import (GPUS, H200_CONSTANTS, LOWER, PARAMS, TERMS, TRAIN_E2E_CONFIGS, Constants, compute_terms,
-                               fit, nnls, run_features)
+from moemesh.plan.cost import (GPUS, H200_CONSTANTS, IDLE_MODES, LOWER, PARAMS, TERMS, TRAIN_E2E_CONFIGS, Constants,
+                               compute_terms, fit, nnls, run_features)
 from moemesh.plan.kernels import CLASSES
 from moemesh.plan.memory import CountsByLayout, meta_model, param_counts
 from moemesh.plan.search import enumerate_plans, rank
@@ -54,12 +54,14 @@ def test_ranking_prefers_fewer_collectives_on_one_node():
 PREVIOUS = [ROOT / "bench" / "results" / "plan_validate.json", ROOT / "bench" / "results" / "plan_validate_v2.json"]
 PREVIOUS_REPORT = ROOT / "bench" / "results" / "plan_report_v2.json"  # the previous model on plan_validate_v2.json
 V3 = [ROOT / "bench" / "results" / "plan_validate_v3.json", ROOT / "bench" / "results" / "plan_validate_v3_rest.json"]
-CURRENT = [*V3, ROOT / "bench" / "results" / "plan_validate_v4.json"]
+MESH = ROOT / "bench" / "results" / "mesh_runs_x2.json"
+CURRENT = [*V3, ROOT / "bench" / "results" / "plan_validate_v4.json", MESH]
 # Plausible constants inside the bounds (the fit test's truth): 70 % of peak for large dense GEMMs, ...
 TRUTH = Constants(gemm_a=1.4, gemm_b=0.3, grouped_a=1.6, grouped_b=0.8, grouped_us=4.0, attn_a=1.8, attn_b=0.6,
                   elem_layer=30.0, elem_moe=12.0, elem_ffn=6.0, elem_vocab=3.0, elem_us=400.0, head_bytes=9.0,
                   opt_bytes=36.0, opt_us=5.0, idle_layer_ms=0.4, idle_step_ms=2.0, graph_idle_layer_ms=0.05,
-                  graph_idle_step_ms=1.0)
+                  graph_idle_step_ms=1.0, mesh_idle_layer_ms=4.0, mesh_idle_step_ms=10.0, mesh_tp_layer_ms=1.5,
+                  mesh_ep_moe_ms=2.5)
 
 
 def bench(name: str):
@@ -92,7 +94,8 @@ def write_measurements(path: Path, runs: dict[str, tuple[str, list[str], Constan
 
 def test_shipped_constants_are_the_fit_of_the_shipped_measurements():
     """H200_CONSTANTS is what `fit` makes of bench/results/plan_validate_v3*.json's and v4's calibration runs
-    (to the 5 digits written), so the shipped numbers can be regenerated and no hand edit hides in them."""
+    and mesh_runs_x2.json's multi-GPU runs (to the 5 digits written), so the shipped numbers can be
+    regenerated and no hand edit hides in them."""
     fitted = fit(CURRENT)
     for name in PARAMS:
         assert getattr(H200_CONSTANTS, name) == pytest.approx(getattr(fitted, name), rel=1e-4, abs=1e-9), name
@@ -143,8 +146,40 @@ def test_fit_recovers_known_constants(tmp_path: Path):
                        graphed=True)
     fitted = fit([tmp_path / "m.json", tmp_path / "g.json"])
     for name in PARAMS:
-        assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
+        want = H200_CONSTANTS if name in IDLE_MODES["mesh"] else TRUTH  # no mesh run: the shipped mesh constants
+        assert getattr(fitted, name) == pytest.approx(getattr(want, name), rel=1e-6), name
     assert str(tmp_path / "m.json") in fitted.source
+
+
+def write_mesh_measurements(path: Path, layouts: list[tuple[int, int, int]], configs: dict[str, list[str]],
+                            constants: Constants) -> None:
+    """A bench/mesh_runs.py file whose runs take exactly what `constants` predict at their layouts."""
+    from moemesh.plan.cost import MeshRun, mesh_run_terms
+
+    runs = {}
+    for name, overrides in configs.items():
+        for layout in layouts:
+            run = MeshRun(name, overrides, layout, False, "none", 1.0, None)
+            terms, _ = mesh_run_terms(run, constants, GPUS["h200"])
+            runs[f"{name}/{'x'.join(map(str, layout))}"] = {
+                "layout": list(layout), "overrides": overrides, "sequence_parallel": False,
+                "activation_checkpointing": "none", "step_ms": sum(terms.values()) * 1e3, "peak_gib": 10.0}
+    path.write_text(json.dumps({"gpu": "synthetic", "launches": [], "runs": runs}))
+
+
+def test_the_mesh_fit_recovers_known_idle_constants(tmp_path: Path):
+    """Multi-GPU step times made from known constants at (2,1,1), (1,2,1), (1,1,2) (and a 1-GPU run, which
+    the mesh fit leaves out): fitted after the single-GPU files, the mesh's idle constants come back; the
+    others are the single-GPU fit's."""
+    pv = bench("plan_validate")
+    configs = dict(list(pv.CALIBRATION.items())[:4])
+    write_mesh_measurements(tmp_path / "mesh.json", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)], configs, TRUTH)
+    write_measurements(tmp_path / "m.json", {label: ("calibration", o, TRUTH, 1.0) for label, o in pv.CALIBRATION.items()})
+    fitted = fit([tmp_path / "m.json", tmp_path / "mesh.json"])
+    for name in ("mesh_idle_layer_ms", "mesh_idle_step_ms", "mesh_tp_layer_ms", "mesh_ep_moe_ms", "gemm_b", "idle_step_ms"):
+        assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
+    assert fitted.graph_idle_step_ms == H200_CONSTANTS.graph_idle_step_ms  # no graph run: the shipped pair
+    assert "mesh.json" in fitted.source
 
 
 def test_fit_stops_at_the_bounds(tmp_path: Path):

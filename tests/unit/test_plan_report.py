@@ -70,7 +70,7 @@ def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
     and the step alike), steps replayed as CUDA graphs; steps launched op by op in a file that only joins
     the fit (--fit-also): the fit gives TRUTH back (both idle pairs), calibration errors are 0, each
     held-out row's step and term errors are its factor's, and the --fit-also file's runs are not tabulated."""
-    from moemesh.plan.cost import PARAMS, TERMS
+    from moemesh.plan.cost import IDLE_MODES, PARAMS, TERMS
 
     errors = {label: e for label, e in zip(list(HELDOUT)[:4], (0.10, -0.20, 0.05, 0.0))}
     runs = {label: ("calibration", o, TRUTH, 1.0) for label, o in CALIBRATION.items()}
@@ -81,7 +81,7 @@ def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
     assert plan_report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.json"),
                              "--fit-also", str(tmp_path / "eager.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
-    for name in PARAMS:
+    for name in (n for n in PARAMS if n not in IDLE_MODES["mesh"]):  # single-GPU runs only: no mesh constant
         assert rep["constants"][name] == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
     assert rep["fitted_runs"] == 2 * len(CALIBRATION) and not any(r["label"].startswith("eager-") for r in rep["rows"])
     calibration, held = rep["summary"]["calibration"], rep["summary"]["heldout"]
@@ -107,3 +107,23 @@ def test_report_reads_the_previous_format(capsys):
     assert plan_report.main([str(v2)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "kernel times per class" in err
+
+
+def test_mesh_report_on_a_synthetic_file_and_bad_input(tmp_path: Path, capsys):
+    """bench/mesh_report.py: runs measured exactly as the shipped constants predict have no error and every
+    layout pair in order; a file that is not mesh_runs.py's output is one line, exit 2."""
+    import mesh_report
+    from moemesh.plan.cost import H200_CONSTANTS
+
+    from tests.unit.test_plan import write_mesh_measurements
+
+    configs = {"a": list(CALIBRATION.values())[0], "b": list(CALIBRATION.values())[1]}
+    write_mesh_measurements(tmp_path / "mesh.json", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)], configs,
+                            H200_CONSTANTS)
+    rep = mesh_report.report([tmp_path / "mesh.json"])
+    s = rep["summary_multi_gpu"]
+    assert s["runs"] == 6 and s["step_mae"] < 1e-9 and s["pairs_agreeing"] == s["pairs"] == 6
+    assert s["fastest_right"] == s["configs"] == 2
+    assert mesh_report.main([str(ROOT / "bench" / "results" / "plan_validate_v4.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not bench/mesh_runs.py's output" in err

@@ -32,7 +32,11 @@ of the measured step time; the symbols are the constants' names (`Constants` say
                  for a step replayed as one CUDA graph (graph_idle_layer_ms, graph_idle_step_ms: the gaps
                  between the graph's kernels, the logged steps' syncs); fitted to measured step time minus
                  the summed kernel time, of runs launched the same way. A single-GPU step is one graph
-                 (train.cuda_graph, train/cuda_graph.py); steps on a mesh are not.
+                 (train.cuda_graph, train/cuda_graph.py); a step on a mesh is neither: it is launched op
+                 by op and waits for its peers (mesh_idle_layer_ms per layer, mesh_idle_step_ms per step,
+                 mesh_tp_layer_ms per layer when tp > 1, mesh_ep_moe_ms per MoE layer when ep > 1), fitted
+                 to measured multi-GPU step time minus every other predicted term (`fit_mesh`:
+                 bench/mesh_runs.py's runs have no per-class profile)
   t_tp           per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
                  embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
                  tp <= GPUs per node, else on the inter-node link
@@ -49,6 +53,7 @@ the matmul peak and every byte term at or below the copy bandwidth (`PARAMS`).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -122,6 +127,11 @@ class Constants:
     idle_step_ms  milliseconds the device waits for the host per step, launched op by op [0]
     graph_idle_layer_ms  the same per layer, for a step replayed as one CUDA graph [0]
     graph_idle_step_ms   the same per step, for a step replayed as one CUDA graph [0]
+    mesh_idle_layer_ms   milliseconds per layer per step that a step on a mesh (eager, several GPUs) spends
+                         beyond its predicted kernels and collectives: launches, waiting for peers [0]
+    mesh_idle_step_ms    the same per step [0]
+    mesh_tp_layer_ms     more per layer with tensor parallelism (its collectives' launches and waits) [0]
+    mesh_ep_moe_ms       more per MoE layer with expert parallelism (the split sizes' host sync) [0]
     """
     gemm_a: float
     gemm_b: float
@@ -142,6 +152,10 @@ class Constants:
     idle_step_ms: float
     graph_idle_layer_ms: float
     graph_idle_step_ms: float
+    mesh_idle_layer_ms: float
+    mesh_idle_step_ms: float
+    mesh_tp_layer_ms: float
+    mesh_ep_moe_ms: float
     source: str = ""
 
     def gemm_efficiency(self, n: float) -> float:
@@ -163,7 +177,13 @@ PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
           "head_bytes": ("head", 2.0),
           "opt_bytes": ("optimizer", 30.0), "opt_us": ("optimizer", 0.0),
           "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0),
-          "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0)}
+          "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0),
+          "mesh_idle_layer_ms": ("idle", 0.0), "mesh_idle_step_ms": ("idle", 0.0), "mesh_tp_layer_ms": ("idle", 0.0),
+          "mesh_ep_moe_ms": ("idle", 0.0)}
+# The idle constants of each launch mode: a step on a single GPU launched op by op, or replayed as one CUDA
+# graph, or a step on a mesh
+IDLE_MODES = {"eager": ("idle_layer_ms", "idle_step_ms"), "graph": ("graph_idle_layer_ms", "graph_idle_step_ms"),
+              "mesh": ("mesh_idle_layer_ms", "mesh_idle_step_ms", "mesh_tp_layer_ms", "mesh_ep_moe_ms")}
 LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 
 # SHIPPED: this model's fit to the calibration runs of bench/results/plan_validate_v3.json,
@@ -174,11 +194,14 @@ LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 # The op-by-op idle constants absorb host-bound gaps and, at 4096-8192-token sequences, the synthetic batch
 # thread of that time (since made ~16x faster for small batches): they apply to steps on a mesh, which
 # are not graphs, and have not been checked on several GPUs.
+# The mesh's idle constants are fitted to the 9 multi-GPU runs of bench/results/mesh_runs_x2.json (2 x H200,
+# session 4: three configs at (2,1,1), (1,2,1), (1,1,2)), after every other term.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE ...] --json`; a test keeps
 # these equal to the fit.
-H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703,
+H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_idle_layer_ms=5.0689, mesh_idle_step_ms=12.184, mesh_tp_layer_ms=1.638, mesh_ep_moe_ms=2.3615,
                            source="fitted to the calibration runs of bench/results/plan_validate_v3.json + "
-                                  "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200)")
+                                  "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200); mesh idle to "
+                                  "mesh_runs_x2.json (2 x H200)")
 
 
 def _interp(table, size_mb: float) -> float:
@@ -264,8 +287,21 @@ def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, 
             "elem_vocab": 2 * s.tokens * s.vocab / tp / bw, "elem_us": layer_passes * 1e-6,
             "head_bytes": 4 * s.tokens * s.vocab / tp / bw,
             "opt_bytes": s.local_params / bw, "opt_us": s.param_tensors * 1e-6,
-            "idle_layer_ms": 0.0 if graphed else s.n_layers * 1e-3, "idle_step_ms": 0.0 if graphed else 1e-3,
-            "graph_idle_layer_ms": s.n_layers * 1e-3 if graphed else 0.0, "graph_idle_step_ms": 1e-3 if graphed else 0.0}
+            **idle_features(s, dp, ep, tp, graphed)}
+
+
+def idle_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool) -> dict[str, float]:
+    """The idle constants' features: only the launch mode's own are nonzero (a mesh when dp*ep*tp > 1)."""
+    mode = "mesh" if dp * ep * tp > 1 else "graph" if graphed else "eager"
+    out = {name: 0.0 for names in IDLE_MODES.values() for name in names}
+    if mode == "mesh":
+        out.update(mesh_idle_layer_ms=s.n_layers * 1e-3, mesh_idle_step_ms=1e-3,
+                   mesh_tp_layer_ms=s.n_layers * 1e-3 if tp > 1 else 0.0,
+                   mesh_ep_moe_ms=s.num_moe * 1e-3 if ep > 1 else 0.0)
+    else:
+        layer, step = IDLE_MODES[mode]
+        out.update({layer: s.n_layers * 1e-3, step: 1e-3})
+    return out
 
 
 def compute_terms(f: dict[str, float], c: Constants) -> dict[str, float]:
@@ -367,12 +403,7 @@ def load_runs(path: Path) -> list[Run]:
     """Every measured run of a bench/plan_validate.py (any format) or bench/train_e2e.py JSON; one-line
     UserError for anything else. plan_validate.py's runs say their set; the older files' runs are all
     calibration. Kernel times per class come with format 3's runs whose profile succeeded."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"plan: --calibrate {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"plan: --calibrate {path}: not a JSON file ({exc.__class__.__name__})") from None
+    data = _read_json(path)
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, dict) or "gpu" not in data:
         raise UserError(f"plan: --calibrate {path}: not a GPU benchmark of this project (expected the format of "
@@ -399,6 +430,15 @@ def load_runs(path: Path) -> list[Run]:
     if not out:
         raise UserError(f"plan: --calibrate {path}: no measured run (tokens_per_s) in it")
     return out
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"plan: --calibrate {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"plan: --calibrate {path}: not a JSON file ({exc.__class__.__name__})") from None
 
 
 def _kernel_s(run: dict) -> dict[str, float] | None:
@@ -447,9 +487,9 @@ def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
         y = np.array([r.term_s(term) for r in runs]) / step
         lower = np.array([LOWER[n] for n in names])
         values.update(zip(names, (lower + nnls(a, y - a @ lower)).tolist()))
-    for graphed, pair in ((False, ("idle_layer_ms", "idle_step_ms")), (True, ("graph_idle_layer_ms", "graph_idle_step_ms"))):
-        if not any(r.graphed == graphed for r in runs):
-            values.update({name: getattr(H200_CONSTANTS, name) for name in pair})
+    for mode, names in IDLE_MODES.items():  # single-GPU runs: none is on a mesh
+        if mode == "mesh" or not any(r.graphed == (mode == "graph") for r in runs):
+            values.update({name: getattr(H200_CONSTANTS, name) for name in names})
     return Constants(**values, source=f"fitted to the calibration runs of {files}" if files else "fitted")
 
 
@@ -481,10 +521,99 @@ def nnls(a, y):
 
 
 def fit(paths, gpu: GPU | None = None) -> Constants:
-    """The constants fitted to the calibration runs of one or more benchmark JSON files."""
+    """The constants fitted to the calibration runs of one or more benchmark JSON files: bench/plan_validate.py's
+    single-GPU runs fit every term (`fit_runs`), then bench/mesh_runs.py's multi-GPU runs, if any, the mesh's
+    idle constants (`fit_mesh`)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    runs = [r for p in paths for r in load_runs(p) if r.set == "calibration"]
-    return fit_runs(runs, gpu or GPUS["h200"], " + ".join(str(p) for p in paths))
+    gpu = gpu or GPUS["h200"]
+    mesh = [p for p in paths if is_mesh_runs(p)]
+    single = [p for p in paths if p not in mesh]
+    constants = H200_CONSTANTS
+    if single or not mesh:
+        runs = [r for p in single for r in load_runs(p) if r.set == "calibration"]
+        constants = fit_runs(runs, gpu, " + ".join(str(p) for p in single))
+    if mesh:
+        constants = fit_mesh([r for p in mesh for r in load_mesh_runs(p)], constants, gpu,
+                             " + ".join(str(p) for p in mesh))
+    return constants
+
+
+# --- calibration of the mesh's idle time on multi-GPU runs (bench/mesh_runs.py) -----------------------
+
+@dataclass
+class MeshRun:
+    label: str
+    overrides: list[str]  # on the `gpu` preset, without the layout
+    layout: tuple[int, int, int]
+    sequence_parallel: bool
+    recompute: str
+    step_s: float  # measured: median step time, max over ranks
+    memory_gib: float | None  # measured allocated peak, max over ranks
+
+
+def is_mesh_runs(path: Path) -> bool:
+    """Whether a benchmark JSON is bench/mesh_runs.py's output (its runs carry a layout)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return isinstance(runs, dict) and "launches" in data and all(isinstance(r, dict) and "layout" in r
+                                                                for r in runs.values())
+
+
+def load_mesh_runs(path: Path) -> list[MeshRun]:
+    """The measured runs of a bench/mesh_runs.py JSON whose runs record their overrides."""
+    if not is_mesh_runs(path):
+        _read_json(path)  # a missing or unreadable file says so
+        raise UserError(f"plan: --calibrate {path}: not bench/mesh_runs.py's output (runs with a layout each)")
+    data = _read_json(path)
+    out = []
+    for label, run in data["runs"].items():
+        if not isinstance(run.get("step_ms"), (int, float)) or "overrides" not in run:
+            continue
+        out.append(MeshRun(label, list(run["overrides"]), tuple(run["layout"]), bool(run["sequence_parallel"]),
+                           run["activation_checkpointing"], run["step_ms"] / 1e3, run.get("peak_gib")))
+    if not out:
+        raise UserError(f"plan: --calibrate {path}: no measured run with its overrides in it (bench/mesh_runs.py "
+                        f"records them since session 4)")
+    return out
+
+
+def mesh_run_terms(run: MeshRun, constants: Constants, gpu: GPU, gpus_per_node: int = 8) -> tuple[dict, dict]:
+    """(the planner's terms in seconds, the features) of a measured multi-GPU run, at its own layout."""
+    from moemesh.config import load_config
+    from moemesh.parallel.layout import build_layout
+    from moemesh.plan.memory import meta_model
+    from moemesh.plan.search import IMBALANCE
+
+    dp, ep, tp = run.layout
+    cfg = load_config("gpu", run.overrides)
+    shape = shape_of(cfg, build_layout(meta_model(cfg.model), dp, ep, tp, run.sequence_parallel))
+    f = features(shape, dp, ep, tp, run.recompute, gpu, IMBALANCE, graphed=False)
+    terms = compute_terms(f, constants)
+    terms.update(comm_terms(shape, dp, ep, tp, run.recompute, gpu, gpus_per_node, IMBALANCE))
+    return terms, f
+
+
+def fit_mesh(runs: list[MeshRun], constants: Constants, gpu: GPU, files: str = "") -> Constants:
+    """The mesh's idle constants fitted (bounded least squares, residuals relative to the step) to what the
+    multi-GPU runs' measured step time leaves after every other predicted term; the rest as given."""
+    import numpy as np
+
+    names = IDLE_MODES["mesh"]
+    rows = []
+    for run in (r for r in runs if math.prod(r.layout) > 1):
+        terms, f = mesh_run_terms(run, constants, gpu)
+        rest = sum(v for k, v in terms.items() if k != "idle")
+        rows.append(([f[n] for n in names], run.step_s - rest, run.step_s))
+    if not rows:
+        raise UserError(f"plan: --calibrate {files or 'runs'}: no multi-GPU run to fit the mesh's idle time on")
+    a = np.array([r[0] for r in rows]) / np.array([[r[2]] for r in rows])
+    y = np.array([r[1] / r[2] for r in rows])
+    values = dict(zip(names, nnls(a, y).tolist()))
+    source = f"{constants.source}; mesh idle fitted to the runs of {files}" if files else constants.source
+    return dataclasses.replace(constants, **values, source=source)
 
 
 def constants_dict(c: Constants) -> dict:

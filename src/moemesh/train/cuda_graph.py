@@ -90,8 +90,9 @@ def planned(cfg: Config, world_size: int, capability: tuple[int, int]) -> bool:
     """Whether `cfg` trained on CUDA GPUs of this compute capability (with Triton) at this world size
     replays its step as one graph: what the planner assumes of the machine it plans for. One GPU runs
     without a mesh (`moemesh train`); more GPUs have one."""
-    from moemesh.train.loop import fused_master_wanted
+    from moemesh.train.precision import param_dtype
 
     ranks = None if world_size == 1 else world_size
-    fused_master = fused_master_wanted(cfg, torch.device("cuda"))
+    # loop.fused_master_wanted on a CUDA device (the loop itself imports too much for the planner)
+    fused_master = cfg.train.fused_master_step and param_dtype(cfg, torch.device("cuda")) == torch.bfloat16
     return cfg.train.cuda_graph != "off" and unsupported(cfg, "cuda", ranks, fused_master, capability) is None

@@ -28,6 +28,7 @@ from moemesh.train.optim import build_optimizer, lr_at, set_lr
 from moemesh.train.stop import Stopped, current as current_stopper
 from moemesh.plan.flops import flops_per_token
 from moemesh.train import cuda_graph, fused_adamw
+from moemesh.train.precision import autocast_dtype, param_dtype
 from moemesh.train.master import MasterWeights
 from moemesh.train.prefetch import BatchPrefetcher
 from moemesh.train.compiled import apply_compile
@@ -44,21 +45,6 @@ def resolve_device(cfg: Config) -> torch.device:
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(wanted)
-
-
-def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 parameters (with fp32 masters) when asked, or by default when training in bf16 on CUDA."""
-    if cfg.train.param_dtype == "bfloat16" or (
-            cfg.train.param_dtype == "auto" and device.type == "cuda" and autocast_dtype(cfg, device) == torch.bfloat16):
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA unless float32 is asked for; fp32 on CPU unless bfloat16 is asked for."""
-    if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def fused_master_wanted(cfg: Config, device: torch.device) -> bool:
