@@ -172,7 +172,9 @@ def test_the_mesh_fit_recovers_known_idle_constants(tmp_path: Path):
     the mesh fit leaves out): fitted after the single-GPU files, the mesh's idle constants come back; the
     others are the single-GPU fit's."""
     pv = bench("plan_validate")
-    configs = dict(list(pv.CALIBRATION.items())[:4])
+    configs = {"gpu": [], "d2048": ["model.n_layers=4", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=4"],
+               "e32-top4": ["model.num_experts=32", "model.top_k=4", "model.ffn_dim=704"],
+               "L12-s512": ["model.n_layers=12", "train.seq_len=512", "train.global_batch=64"]}  # valid at tp=2
     write_mesh_measurements(tmp_path / "mesh.json", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)], configs, TRUTH)
     write_measurements(tmp_path / "m.json", {label: ("calibration", o, TRUTH, 1.0) for label, o in pv.CALIBRATION.items()})
     fitted = fit([tmp_path / "m.json", tmp_path / "mesh.json"])

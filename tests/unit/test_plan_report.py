@@ -117,7 +117,7 @@ def test_mesh_report_on_a_synthetic_file_and_bad_input(tmp_path: Path, capsys):
 
     from tests.unit.test_plan import write_mesh_measurements
 
-    configs = {"a": list(CALIBRATION.values())[0], "b": list(CALIBRATION.values())[1]}
+    configs = {"gpu": [], "d2048": ["model.n_layers=4", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=4"]}
     write_mesh_measurements(tmp_path / "mesh.json", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)], configs,
                             H200_CONSTANTS)
     rep = mesh_report.report([tmp_path / "mesh.json"])
