@@ -188,18 +188,12 @@ def main() -> int:
     plan += [(f"mixtral-shaped/after-recompute-{mode}", "after", "gpu",
               [*CONFIGS["mixtral-shaped"][1], f"train.steps={steps}", "run.log_every=5",
                f"train.activation_checkpointing={mode}"]) for mode in ("moe", "full")]
-    plan += [(f"{name}/after-torch-adamw", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
-                                                           "run.log_every=5", "train.fused_master_step=false"])
-             for name in CONFIGS]
-    plan += [(f"{name}/after-compile", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
-                                                       "run.log_every=5", "train.compile=true"])
-             for name in CONFIGS]
-    plan += [(f"{name}/after-unfused", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
-                                                       "run.log_every=5", "train.fused_kernels=false"])
-             for name in CONFIGS]
-    plan += [(f"{name}/after-no-graph", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}",
-                                                        "run.log_every=5", "train.cuda_graph=off"])
-             for name in CONFIGS]
+    # each config with one switch off (or compile on), in the same call as the defaults
+    variants = {"torch-adamw": "train.fused_master_step=false", "compile": "train.compile=true",
+                "unfused": "train.fused_kernels=false", "no-graph": "train.cuda_graph=off"}
+    plan += [(f"{name}/after-{variant}", "after", "gpu", [*CONFIGS[name][1], f"train.steps={steps}", "run.log_every=5",
+                                                         switch])
+             for variant, switch in variants.items() for name in CONFIGS]
     for code in ("before", "after"):
         plan.append((f"gpu-preset-200/{code}", code, "gpu", ["train.steps=200", "run.log_every=10"]))
     # the same code twice (run-to-run spread of bf16 training on the GPU), and the kernels off

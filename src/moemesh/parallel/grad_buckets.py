@@ -100,6 +100,7 @@ class GradSync:
         self.params, self.layout, self.mesh = params, layout, mesh
         self.overlap = overlap and mesh is not None and mesh.world_size > 1
         self.launched_in_backward = 0  # buckets of the last step launched before finish() (tests read it)
+        self.hooks: list = []  # removable handles of the backward hooks (none without overlap)
         if not self.overlap:
             return
         named = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -138,8 +139,9 @@ class GradSync:
 
     def close(self) -> None:
         """Remove the backward hooks (the model may outlive this object)."""
-        for handle in getattr(self, "hooks", ()):
+        for handle in self.hooks:
             handle.remove()
+        self.hooks = []
 
     @torch.no_grad()
     def _arrived(self, name: str, param: torch.Tensor) -> None:

@@ -554,9 +554,12 @@ class MeshRun:
 def is_mesh_runs(path: Path) -> bool:
     """Whether a benchmark JSON is bench/mesh_runs.py's output (its runs carry a layout)."""
     try:
-        data = json.loads(Path(path).read_text())
+        return _is_mesh_data(json.loads(Path(path).read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+
+
+def _is_mesh_data(data) -> bool:
     runs = data.get("runs") if isinstance(data, dict) else None
     return isinstance(runs, dict) and "launches" in data and all(isinstance(r, dict) and "layout" in r
                                                                 for r in runs.values())
@@ -564,10 +567,9 @@ def is_mesh_runs(path: Path) -> bool:
 
 def load_mesh_runs(path: Path) -> list[MeshRun]:
     """The measured runs of a bench/mesh_runs.py JSON whose runs record their overrides."""
-    if not is_mesh_runs(path):
-        _read_json(path)  # a missing or unreadable file says so
+    data = _read_json(path)  # a missing or unreadable file says so
+    if not _is_mesh_data(data):
         raise UserError(f"plan: --calibrate {path}: not bench/mesh_runs.py's output (runs with a layout each)")
-    data = _read_json(path)
     out = []
     for label, run in data["runs"].items():
         if not isinstance(run.get("step_ms"), (int, float)) or "overrides" not in run:
