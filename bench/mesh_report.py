@@ -1,14 +1,20 @@
 """The planner against bench/mesh_runs.py's measurements, offline on CPU: every run's predicted step time
 and allocated peak beside the measured ones (the candidate `moemesh plan` prices for the run's layout,
-sequence parallelism and checkpointing, shipped constants), and per config whether the planner orders the
-multi-GPU layouts as measured (pairwise, and the fastest).
+sequence parallelism and checkpointing, shipped constants), and per config and GPU count whether the
+planner orders the layouts as measured (pairwise, and the fastest).
 
-    python bench/mesh_report.py bench/results/mesh_validate_x2.json [MORE.json ...] [--out report.json]
+A pair of layouts counts as measured apart only when their step times differ beyond the steps' own
+variation: a two-sided Mann-Whitney U test of the two runs' timed steps at 5 % (`apart`). Other pairs are
+ties within noise: either order agrees with the measurement.
+
+    python bench/mesh_report.py bench/results/mesh_heldout_x2.json [MORE.json ...] [--out report.json]
+        [--fit FILE ...]   (the constants `moemesh plan --calibrate FILE ...` fits, instead of the shipped ones)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -30,36 +36,70 @@ def predict(run, constants) -> dict:
     return {"step_ms": c.step_s * 1e3, "memory_gib": c.memory / GIB}
 
 
-def report(paths: list[Path]) -> dict:
-    from moemesh.plan.cost import H200_CONSTANTS, load_mesh_runs
+def apart(a: list[float], b: list[float], alpha: float = 0.05) -> bool:
+    """Whether two runs' timed steps differ beyond their variation: the exact two-sided Mann-Whitney U test
+    (ties count a half) rejects equal distributions at `alpha`. Runs without per-step times count as apart."""
+    if not a or not b:
+        return True
+    u = sum((x < y) + 0.5 * (x == y) for x in a for y in b)
+    extreme = min(u, len(a) * len(b) - u)
+    counts = _u_counts(len(a), len(b))  # how many orderings give each U, for U = 0 .. m*n
+    p = 2 * sum(counts[k] for k in range(len(counts)) if k <= extreme) / sum(counts)
+    return p <= alpha
 
+
+@functools.lru_cache(maxsize=None)
+def _u_counts(m: int, n: int) -> tuple[int, ...]:
+    """The number of orderings of m and n distinct values with U = 0, 1, ..., m*n (f(m, n, u) = f(m-1, n, u-n)
+    + f(m, n-1, u): the largest value is one of the m, above all n, or one of the n)."""
+    if m == 0 or n == 0:
+        return (1,)
+    out = [0] * (m * n + 1)
+    for u, c in enumerate(_u_counts(m - 1, n)):
+        out[u + n] += c
+    for u, c in enumerate(_u_counts(m, n - 1)):
+        out[u] += c
+    return tuple(out)
+
+
+def report(paths: list[Path], fit_files: list[Path] | None = None) -> dict:
+    from moemesh.plan.cost import H200_CONSTANTS, fit, load_mesh_runs
+
+    constants = fit(fit_files) if fit_files else H200_CONSTANTS
     rows = []
     for run in (r for p in paths for r in load_mesh_runs(p)):
-        p = predict(run, H200_CONSTANTS)
+        p = predict(run, constants)
         rows.append({"label": run.label, "config": run.label.split("/")[0], "layout": list(run.layout),
                      "gpus": run.layout[0] * run.layout[1] * run.layout[2],
                      "measured_step_ms": run.step_s * 1e3, "predicted_step_ms": p["step_ms"],
                      "err_step": p["step_ms"] / (run.step_s * 1e3) - 1, "measured_memory_gib": run.memory_gib,
                      "predicted_memory_gib": p["memory_gib"],
-                     "err_memory": p["memory_gib"] / run.memory_gib - 1 if run.memory_gib else None})
+                     "err_memory": p["memory_gib"] / run.memory_gib - 1 if run.memory_gib else None,
+                     "steps_ms": [t * 1e3 for t in run.steps_s]})
     multi = [r for r in rows if r["gpus"] > 1]
     ranking = {}
-    for config in sorted({r["config"] for r in multi}):
-        mine = [r for r in multi if r["config"] == config]
+    for config, gpus in sorted({(r["config"], r["gpus"]) for r in multi}):
+        mine = [r for r in multi if (r["config"], r["gpus"]) == (config, gpus)]
         pairs = list(itertools.combinations(mine, 2))
         agree = [(a["measured_step_ms"] - b["measured_step_ms"]) * (a["predicted_step_ms"] - b["predicted_step_ms"]) > 0
                  for a, b in pairs]
-        ranking[config] = {"pairs": len(pairs), "agreeing": sum(agree),
-                           "fastest_measured": min(mine, key=lambda r: r["measured_step_ms"])["label"],
-                           "fastest_predicted": min(mine, key=lambda r: r["predicted_step_ms"])["label"]}
+        resolved = [apart(a["steps_ms"], b["steps_ms"]) for a, b in pairs]
+        ranking[f"{config} on {gpus} GPUs"] = {
+            "pairs": len(pairs), "agreeing": sum(agree), "apart": sum(resolved),
+            "apart_agreeing": sum(a and r for a, r in zip(agree, resolved)),
+            "wrong": [f"{a['label']} vs {b['label']}" for (a, b), ok, r in zip(pairs, agree, resolved) if r and not ok],
+            "fastest_measured": min(mine, key=lambda r: r["measured_step_ms"])["label"],
+            "fastest_predicted": min(mine, key=lambda r: r["predicted_step_ms"])["label"]}
     errors = [abs(r["err_step"]) for r in multi]
     summary = {"runs": len(multi), "step_mae": statistics.fmean(errors) if errors else None,
                "step_worst": max((r["err_step"] for r in multi), key=abs, default=None),
                "memory_worst": max((r["err_memory"] for r in multi if r["err_memory"] is not None), key=abs, default=None),
                "pairs": sum(v["pairs"] for v in ranking.values()), "pairs_agreeing": sum(v["agreeing"] for v in ranking.values()),
+               "pairs_apart": sum(v["apart"] for v in ranking.values()),
+               "pairs_apart_agreeing": sum(v["apart_agreeing"] for v in ranking.values()),
                "fastest_right": sum(v["fastest_measured"] == v["fastest_predicted"] for v in ranking.values()),
                "configs": len(ranking)}
-    return {"files": [str(p) for p in paths], "constants_source": H200_CONSTANTS.source, "rows": rows,
+    return {"files": [str(p) for p in paths], "constants_source": constants.source, "rows": rows,
             "ranking": ranking, "summary_multi_gpu": summary}
 
 
@@ -74,10 +114,12 @@ def format_report(rep: dict) -> str:
     if s["runs"]:
         lines += ["", f"multi-GPU runs: {s['runs']}; step time MAE {s['step_mae']:.1%}, worst {s['step_worst']:+.1%}; "
                       f"memory worst {s['memory_worst']:+.1%}; layout pairs ordered as measured: {s['pairs_agreeing']} of "
-                      f"{s['pairs']}; fastest layout right for {s['fastest_right']} of {s['configs']} configs"]
+                      f"{s['pairs']}; of the {s['pairs_apart']} pairs measured apart: {s['pairs_apart_agreeing']}; "
+                      f"fastest layout right for {s['fastest_right']} of {s['configs']} configs"]
     for config, v in rep["ranking"].items():
-        lines.append(f"- {config}: {v['agreeing']}/{v['pairs']} pairs; fastest measured {v['fastest_measured']}, "
-                     f"predicted {v['fastest_predicted']}")
+        wrong = f" (wrong: {'; '.join(v['wrong'])})" if v["wrong"] else ""
+        lines.append(f"- {config}: {v['agreeing']}/{v['pairs']} pairs, {v['apart_agreeing']}/{v['apart']} of those "
+                     f"measured apart{wrong}; fastest measured {v['fastest_measured']}, predicted {v['fastest_predicted']}")
     return "\n".join(lines)
 
 
@@ -85,8 +127,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fit", nargs="+", type=Path, help="fit the constants to these files first")
     args = parser.parse_args(argv)
-    return run_report("mesh_report", lambda: report(args.files), format_report, args.out)
+    return run_report("mesh_report", lambda: report(args.files, args.fit), format_report, args.out)
 
 
 if __name__ == "__main__":

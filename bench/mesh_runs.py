@@ -164,16 +164,19 @@ def run_layout(job: dict, spec: dict, device: torch.device) -> dict:
             rows.append([*losses.tolist(), float(grad_norm)])  # the step's end, on the host
             times.append(time.perf_counter() - t0)
         dist.barrier()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for step in range(steps + 1, steps + profiled + 1):
-                trainer.step(step)
-            _sync(device)
-            window_us = (time.perf_counter() - t0) * 1e6
+        split = None
+        if profiled:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                for step in range(steps + 1, steps + profiled + 1):
+                    trainer.step(step)
+                _sync(device)
+                window_us = (time.perf_counter() - t0) * 1e6
+            split = comm_profile.split(comm_profile.from_kineto(prof.profiler.kineto_results.events()), window_us,
+                                       profiled)
     finally:
         trainer.close()
-    split = comm_profile.split(comm_profile.from_kineto(prof.profiler.kineto_results.events()), window_us, profiled)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_s = _world_max(statistics.median(times[warmup:]), device)
     splits = [None] * dist.get_world_size()
@@ -267,7 +270,7 @@ def build_jobs(args, configs: dict) -> tuple[list[dict], dict]:
         by_world = {args.gpus: rows}
         planner[name] = {"gpus": args.gpus, "gpus_per_node": GPUS_PER_NODE, "gpu": "h200",
                          "top_layouts": top_layouts(rows, max(args.planner_top, 5)), "top_rows": rows[:10]}
-        layouts = list(dict.fromkeys([(1, 1, 1), *args.layouts,
+        layouts = list(dict.fromkeys([*([] if args.no_single else [(1, 1, 1)]), *args.layouts,
                                       *((r["dp"], r["ep"], r["tp"]) for r in top_layouts(rows, args.planner_top))]))
         for layout in layouts:
             if layout[0] * layout[1] * layout[2] > args.gpus:
@@ -364,9 +367,9 @@ def print_table(report: dict) -> None:
         if "error" in run:
             print(f"{key:<28} error: {run['error'].strip().splitlines()[-1][:100]}")
             continue
-        s = run["split_rank0"]
+        s = run["split_rank0"] or {}  # None: not profiled (--profile-steps 0)
         exposed = "/".join(f"{s['exposed_ms'][c]:.1f}" for c in ("tp", "ep", "dp")) if "exposed_ms" in s else \
-            "/".join(f"{s['comm_ms'][c]:.1f}" for c in ("tp", "ep", "dp"))
+            "/".join(f"{s['comm_ms'][c]:.1f}" for c in ("tp", "ep", "dp")) if "comm_ms" in s else "-"
         idle = f"{s['idle_share']:.2f}" if s.get("idle_share") is not None else "-"
         parity = run.get("parity", {})
         print(f"{key:<28} {run['step_ms']:>8.1f} {run['tokens_per_s']:>9.0f} {run['tflops_per_gpu']:>7.1f} "
@@ -379,7 +382,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/moemesh-mesh-runs"))
     parser.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) of the host: layouts use at most this")
-    parser.add_argument("--layouts", type=parse_layouts, default=[], help='"dp,ep,tp;..." (1,1,1 is always run)')
+    parser.add_argument("--layouts", type=parse_layouts, default=[], help='"dp,ep,tp;..." (1,1,1 is run too, '
+                        'unless --no-single)')
     parser.add_argument("--planner-top", type=int, default=0, help="also run the planner's K best layouts at --gpus")
     parser.add_argument("--configs", default="fine-grained,mixtral-shaped", help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override on every config")
@@ -387,17 +391,21 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 4; dry 2)")
     parser.add_argument("--profile-steps", type=int, default=None, help="profiled steps after them (default 3; dry 2)")
     parser.add_argument("--parity-steps", type=int, default=None, help="steps compared with 1 GPU (default 5; dry 4)")
+    parser.add_argument("--no-single", action="store_true", help="no 1-GPU run (no parity, no speed-up)")
     parser.add_argument("--no-a2a", action="store_true", help="skip the all-to-all benchmark at ep=--gpus")
     parser.add_argument("--deadline-s", type=float, default=420.0, help="start no launch after this many seconds")
     parser.add_argument("--timeout-s", type=float, default=240.0, help="a collective waiting longer fails the launch")
     parser.add_argument("--cpu-dry-run", action="store_true", help="gloo ranks on the CPU, tiny configs, fp32")
+    parser.add_argument("--launch-per-job", action="store_true",
+                        help="a fresh launch for every (config, layout), as `moemesh train` runs one (the "
+                             "planner's multi-GPU measurements: bench/mesh_sweep.sh)")
     parser.add_argument("--plan-only", action="store_true", help="print the runs and the planner's predictions; launch nothing")
     args = parser.parse_args()
     started = time.perf_counter()
     dry = args.cpu_dry_run
     args.steps = args.steps or (4 if dry else 14)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 4)
-    args.profile_steps = args.profile_steps or (2 if dry else 3)
+    args.profile_steps = args.profile_steps if args.profile_steps is not None else (2 if dry else 3)
     args.parity_steps = args.parity_steps or (4 if dry else 5)
     if args.warmup >= args.steps:
         parser.error(f"--warmup={args.warmup} must be below --steps={args.steps}")
@@ -431,8 +439,12 @@ def main() -> int:
     worlds = sorted({j["layout"][0] * j["layout"][1] * j["layout"][2] for j in jobs} | ({args.gpus} if args.gpus > 1 and not args.no_a2a else set()))
     for world in worlds:
         todo = [j for j in jobs if j["layout"][0] * j["layout"][1] * j["layout"][2] == world]
-        run_world(world, todo, args, report, world == args.gpus and args.gpus > 1 and not args.no_a2a,
-                  started + args.deadline_s)
+        a2a = world == args.gpus and args.gpus > 1 and not args.no_a2a
+        if args.launch_per_job:  # the all-to-all benchmark (if any) in a launch of its own, last
+            for batch in [[j] for j in todo] + ([[]] if a2a else []):
+                run_world(world, batch, args, report, a2a and not batch, started + args.deadline_s)
+        else:
+            run_world(world, todo, args, report, a2a, started + args.deadline_s)
         derive(report, jobs, tolerance, args.parity_steps)
         report["script_s"] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(report, indent=1) + "\n")

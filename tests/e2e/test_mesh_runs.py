@@ -33,3 +33,43 @@ def test_dry_run_two_ranks(tmp_path: Path):
     split = ep["split_rank0"]
     assert split["comm_ms"]["ep"] > 0 and split["comm_ms"]["tp"] == 0 and 0 < split["compute_share"] < 1
     assert [row["mb_per_rank"] for row in report["a2a"]["rows"]] == [0.0625, 0.25] and report["a2a"]["ep"] == 2
+
+
+def test_a_launch_per_job_without_profile_then_merged(tmp_path: Path):
+    """bench/mesh_sweep.sh's way: each layout in its own launch, no 1-rank run, no profile; then
+    bench/mesh_merge.py keys the runs by the directory's label, and the planner can fit on the merged file."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = tmp_path / "sweep" / "tiny-mixtral"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mesh_runs.py"), "--cpu-dry-run", "--gpus", "2",
+                           "--layouts", "2,1,1;1,1,2", "--configs", "mixtral-shaped", "--launch-per-job", "--no-single",
+                           "--no-a2a", "--profile-steps", "0", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "mesh_runs.json").read_text())
+    assert [(launch["world"], launch["jobs"]) for launch in report["launches"]] == [
+        (2, ["mixtral-shaped/2x1x1"]), (2, ["mixtral-shaped/1x1x2"])]
+    assert all(run["split_rank0"] is None and run["step_ms"] > 0 for run in report["runs"].values())
+    merged = tmp_path / "merged.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "mesh_merge.py"), str(merged), str(out / "mesh_runs.json")],
+                   check=True, timeout=60)
+    data = json.loads(merged.read_text())
+    assert set(data["runs"]) == {"tiny-mixtral/2x1x1", "tiny-mixtral/1x1x2"} and len(data["launches"]) == 2
+    from moemesh.plan.cost import is_mesh_runs, load_mesh_runs
+
+    runs = load_mesh_runs(merged)
+    assert is_mesh_runs(merged) and {r.layout for r in runs} == {(2, 1, 1), (1, 1, 2)}
+    assert all(len(r.steps_s) == report["steps"] - report["warmup"] for r in runs)
+
+
+def test_host_probe_dry_run(tmp_path: Path):
+    """bench/host_probe.py on 2 gloo ranks: step and host time per layout, and a profile of rank 0's host."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_probe.py"), "--cpu-dry-run", "--gpus", "2",
+                           "--configs", "skeleton-L2", "--steps", "3", "--warmup", "1", "--profile-steps", "1",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "host_probe.json").read_text())["runs"]
+    assert set(runs) == {f"skeleton-L2/{layout}" for layout in ("1x1x1", "2x1x1", "1x2x1", "1x1x2")}
+    for run in runs.values():
+        assert 0 < run["host_ms"] <= run["step_ms"] * 1.001 and run["n_layers"] == 2
+        assert "function calls" in run["profile"] and "tottime" in run["profile"]

@@ -56,7 +56,7 @@ def test_the_planner_knows_which_steps_are_graphs(overrides, world, expected):
     assert not planned(load_config("gpu", overrides), world, GPUS["a100"].capability)
 
 
-def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_its_own():
+def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_its_host():
     cfg = load_config("gpu")
     layers, c = cfg.model.n_layers, H200_CONSTANTS
     (one,) = [p for p in enumerate_plans(cfg, 1, 8, GPUS["h200"], c) if p.recompute == "none"]
@@ -67,9 +67,13 @@ def test_a_single_gpu_plan_prices_the_graphs_idle_time_and_a_mesh_its_own():
     two = [p for p in enumerate_plans(cfg, 2, 8, GPUS["h200"], c) if p.recompute == "none"]
     assert {(p.dp, p.ep, p.tp) for p in two} == {(2, 1, 1), (1, 2, 1), (1, 1, 2)}
     for p in two:
-        mesh = (layers * (c.mesh_idle_layer_ms + c.mesh_tp_layer_ms * (p.tp > 1)) + c.mesh_idle_step_ms
-                + layers * c.mesh_ep_moe_ms * (p.ep > 1))  # every layer of the preset is an MoE layer
-        assert p.terms["idle"] == pytest.approx(mesh * 1e-3), (p.dp, p.ep, p.tp)
+        host = 1e-3 * (layers * (c.mesh_host_layer_ms + c.mesh_host_tp_layer_ms * (p.tp > 1)
+                                 + c.mesh_host_sync_layer_ms * (p.dp * p.ep > 1) + c.mesh_host_ep_moe_ms * (p.ep > 1))
+                       + c.mesh_host_step_ms)  # every layer of the preset is an MoE layer
+        device = sum(v for k, v in p.terms.items() if k != "idle")
+        step = (device ** c.mesh_overlap_p + host ** c.mesh_overlap_p) ** (1 / c.mesh_overlap_p)
+        assert p.terms["idle"] == pytest.approx(step - device), (p.dp, p.ep, p.tp)
+        assert max(device, host) < p.step_s < device + host
 
 
 def test_the_planner_does_not_import_the_training_loop():

@@ -70,7 +70,7 @@ def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
     and the step alike), steps replayed as CUDA graphs; steps launched op by op in a file that only joins
     the fit (--fit-also): the fit gives TRUTH back (both idle pairs), calibration errors are 0, each
     held-out row's step and term errors are its factor's, and the --fit-also file's runs are not tabulated."""
-    from moemesh.plan.cost import IDLE_MODES, PARAMS, TERMS
+    from moemesh.plan.cost import MESH, PARAMS, TERMS
 
     errors = {label: e for label, e in zip(list(HELDOUT)[:4], (0.10, -0.20, 0.05, 0.0))}
     runs = {label: ("calibration", o, TRUTH, 1.0) for label, o in CALIBRATION.items()}
@@ -81,7 +81,7 @@ def test_report_fits_each_term_and_summarizes(tmp_path: Path, capsys):
     assert plan_report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.json"),
                              "--fit-also", str(tmp_path / "eager.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
-    for name in (n for n in PARAMS if n not in IDLE_MODES["mesh"]):  # single-GPU runs only: no mesh constant
+    for name in (n for n in PARAMS if n not in MESH):  # single-GPU runs only: no mesh constant
         assert rep["constants"][name] == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
     assert rep["fitted_runs"] == 2 * len(CALIBRATION) and not any(r["label"].startswith("eager-") for r in rep["rows"])
     calibration, held = rep["summary"]["calibration"], rep["summary"]["heldout"]
@@ -124,6 +124,22 @@ def test_mesh_report_on_a_synthetic_file_and_bad_input(tmp_path: Path, capsys):
     s = rep["summary_multi_gpu"]
     assert s["runs"] == 6 and s["step_mae"] < 1e-9 and s["pairs_agreeing"] == s["pairs"] == 6
     assert s["fastest_right"] == s["configs"] == 2
+    assert s["pairs_apart"] == s["pairs_apart_agreeing"] == 6  # no per-step times: every pair counts
     assert mesh_report.main([str(ROOT / "bench" / "results" / "plan_validate_v4.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not bench/mesh_runs.py's output" in err
+
+
+def test_layouts_measured_apart_only_beyond_their_steps_variation():
+    """The exact two-sided Mann-Whitney U test of bench/mesh_report.py: 7 steps each, wholly separated, are
+    apart (p = 2/3432); interleaved ones, or a shift inside the spread, are not; without steps a pair counts."""
+    import math
+
+    import mesh_report
+
+    assert sum(mesh_report._u_counts(7, 7)) == math.comb(14, 7)
+    low = [100.0 + i for i in range(7)]
+    assert mesh_report.apart(low, [x + 7 for x in low]) and mesh_report.apart([x + 7 for x in low], low)
+    assert not mesh_report.apart(low, [x + 0.5 for x in low]) and not mesh_report.apart(low, low)
+    assert mesh_report.apart([1.0, 2.0], [3.0]) is False  # too few steps to tell: p = 2/3
+    assert mesh_report.apart([], [1.0])

@@ -1,10 +1,14 @@
 """Step-time cost model of one training step on one rank, and its calibration.
 
-    t_step = t_gemm + t_grouped_gemm + t_attention + t_elementwise + t_head + t_optimizer + t_idle
-             + t_tp + t_ep + t_dp
-             (no overlap counted: the gradient all-reduce overlaps the backward pass by default
-             (parallel.overlap_grad_reduce) and the expert all-to-all can (ep_overlap_chunks), but how much
-             is unmeasured on GPUs, so t_dp and t_ep are added in full: an upper bound)
+    t_step = t_device + t_idle,  t_device = t_gemm + t_grouped_gemm + t_attention + t_elementwise + t_head
+                                             + t_optimizer + t_tp + t_ep + t_dp
+    On one GPU t_idle is the gaps between the step's kernels (below). On a mesh the step is launched op by
+    op and its host is as slow as its device: t_device + t_idle = (t_device^p + t_host^p)^(1/p), a soft
+    maximum of the device's time and the host's (p = mesh_overlap_p: 1 when they add up, large when each
+    hides the other), t_host per layer and per step (`mesh_host_time`). The collectives are counted in full:
+    the gradient all-reduce overlaps the backward pass (parallel.overlap_grad_reduce), but on 2 and 4 H200s
+    a fit that may count only part of it (0.5-2x) fits best counting all of it (docs/planner.md): its
+    kernels slow the compute beside them as much as they hide.
 
 Each compute term models one kernel class of a profiled step (plan/kernels.py) and is fitted to THAT
 class's measured GPU time across the calibration configs (bench/plan_validate.py), t_idle to what is left
@@ -27,16 +31,17 @@ of the measured step time; the symbols are the constants' names (`Constants` say
                  forward and backward
   t_optimizer    opt_bytes per local parameter / copy bandwidth + opt_us per parameter tensor (one AdamW
                  pass per tensor, the gradient norm)
-  t_idle         the device waiting for the host: per layer and per step, with its own constants for a
-                 step launched op by op (idle_layer_ms, idle_step_ms: launch gaps of a host-bound step) and
-                 for a step replayed as one CUDA graph (graph_idle_layer_ms, graph_idle_step_ms: the gaps
-                 between the graph's kernels, the logged steps' syncs); fitted to measured step time minus
-                 the summed kernel time, of runs launched the same way. A single-GPU step is one graph
-                 (train.cuda_graph, train/cuda_graph.py); a step on a mesh is neither: it is launched op
-                 by op and waits for its peers (mesh_idle_layer_ms per layer, mesh_idle_step_ms per step,
-                 mesh_tp_layer_ms per layer when tp > 1, mesh_ep_moe_ms per MoE layer when ep > 1), fitted
-                 to measured multi-GPU step time minus every other predicted term (`fit_mesh`:
-                 bench/mesh_runs.py's runs have no per-class profile)
+  t_idle         the device waiting for the host. One GPU: per layer and per step, with its own constants
+                 for a step launched op by op (idle_layer_ms, idle_step_ms: launch gaps of a host-bound step)
+                 and for a step replayed as one CUDA graph (graph_idle_layer_ms, graph_idle_step_ms: the
+                 gaps between the graph's kernels, the logged steps' syncs); fitted to measured step time
+                 minus the summed kernel time, of runs launched the same way. A single-GPU step is one graph
+                 (train.cuda_graph, train/cuda_graph.py). A mesh: the soft maximum above minus t_device,
+                 with t_host = mesh_host_step_ms + per layer pass mesh_host_layer_ms, + mesh_host_tp_layer_ms
+                 when tp > 1, + mesh_host_sync_layer_ms when dp*ep > 1 (the gradient buckets' hooks), and
+                 mesh_host_ep_moe_ms per MoE layer pass when ep > 1 (the split sizes' syncs); fitted with p
+                 to measured multi-GPU step times (`fit_mesh`; bench/mesh_sweep.sh's runs, skeleton configs
+                 with tiny dims among them, whose step is host time alone)
   t_tp           per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
                  embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
                  tp <= GPUs per node, else on the inter-node link
@@ -68,6 +73,9 @@ S0 = 1024.0  # sequence length scale of attention's efficiency curve
 LATENCY_S = {"intra": 15e-6, "inter": 30e-6}  # per collective call
 HOST_SYNC_S = 60e-6  # the EP count exchange's split sizes go to the host, once per MoE layer and pass
 TERMS = (*KERNEL_CLASSES, "idle")  # the compute terms: one per kernel class, and the device's idle time
+MESH_HOST = ("mesh_host_layer_ms", "mesh_host_step_ms", "mesh_host_tp_layer_ms", "mesh_host_ep_moe_ms",
+             "mesh_host_sync_layer_ms")  # the host time of a step on a mesh: `mesh_host_time`
+MESH = (*MESH_HOST, "mesh_overlap_p")  # the constants `fit_mesh` fits
 AGAIN = 1 / 3  # a recomputed forward, as a share of forward + backward
 
 
@@ -127,11 +135,13 @@ class Constants:
     idle_step_ms  milliseconds the device waits for the host per step, launched op by op [0]
     graph_idle_layer_ms  the same per layer, for a step replayed as one CUDA graph [0]
     graph_idle_step_ms   the same per step, for a step replayed as one CUDA graph [0]
-    mesh_idle_layer_ms   milliseconds per layer per step that a step on a mesh (eager, several GPUs) spends
-                         beyond its predicted kernels and collectives: launches, waiting for peers [0]
-    mesh_idle_step_ms    the same per step [0]
-    mesh_tp_layer_ms     more per layer with tensor parallelism (its collectives' launches and waits) [0]
-    mesh_ep_moe_ms       more per MoE layer with expert parallelism (the split sizes' host sync) [0]
+    mesh_host_layer_ms       host milliseconds per layer pass of a step on a mesh (eager, several GPUs) [0]
+    mesh_host_step_ms        the same per step [0]
+    mesh_host_tp_layer_ms    more per layer pass with tensor parallelism (its collectives' launches) [0]
+    mesh_host_ep_moe_ms      more per MoE layer pass with expert parallelism (the split sizes' host syncs) [0]
+    mesh_host_sync_layer_ms  more per layer pass when gradients are synced over data x expert (their hooks) [0]
+    mesh_overlap_p           how a mesh step's host and device time combine, (device^p + host^p)^(1/p): 1 adds
+                             them, large p takes the larger [1]
     """
     gemm_a: float
     gemm_b: float
@@ -152,10 +162,12 @@ class Constants:
     idle_step_ms: float
     graph_idle_layer_ms: float
     graph_idle_step_ms: float
-    mesh_idle_layer_ms: float
-    mesh_idle_step_ms: float
-    mesh_tp_layer_ms: float
-    mesh_ep_moe_ms: float
+    mesh_host_layer_ms: float
+    mesh_host_step_ms: float
+    mesh_host_tp_layer_ms: float
+    mesh_host_ep_moe_ms: float
+    mesh_host_sync_layer_ms: float
+    mesh_overlap_p: float
     source: str = ""
 
     def gemm_efficiency(self, n: float) -> float:
@@ -178,12 +190,10 @@ PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
           "opt_bytes": ("optimizer", 30.0), "opt_us": ("optimizer", 0.0),
           "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0),
           "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0),
-          "mesh_idle_layer_ms": ("idle", 0.0), "mesh_idle_step_ms": ("idle", 0.0), "mesh_tp_layer_ms": ("idle", 0.0),
-          "mesh_ep_moe_ms": ("idle", 0.0)}
-# The idle constants of each launch mode: a step on a single GPU launched op by op, or replayed as one CUDA
-# graph, or a step on a mesh
-IDLE_MODES = {"eager": ("idle_layer_ms", "idle_step_ms"), "graph": ("graph_idle_layer_ms", "graph_idle_step_ms"),
-              "mesh": ("mesh_idle_layer_ms", "mesh_idle_step_ms", "mesh_tp_layer_ms", "mesh_ep_moe_ms")}
+          **{name: ("mesh", 0.0) for name in MESH_HOST}, "mesh_overlap_p": ("mesh", 1.0)}
+# The idle constants of each launch mode of a single GPU: a step launched op by op, or replayed as one CUDA
+# graph (a step on a mesh has host constants instead: MESH)
+IDLE_MODES = {"eager": ("idle_layer_ms", "idle_step_ms"), "graph": ("graph_idle_layer_ms", "graph_idle_step_ms")}
 LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 
 # SHIPPED: this model's fit to the calibration runs of bench/results/plan_validate_v3.json,
@@ -192,16 +202,19 @@ LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 # all 31 runs (the kernels did not change between the sessions); each idle pair on the runs launched its
 # way. The 13 held-out configs of v4 are not used (nor v3's held-out runs, whose configs v4 re-measured).
 # The op-by-op idle constants absorb host-bound gaps and, at 4096-8192-token sequences, the synthetic batch
-# thread of that time (since made ~16x faster for small batches): they apply to steps on a mesh, which
-# are not graphs, and have not been checked on several GPUs.
-# The mesh's idle constants are fitted to the 9 multi-GPU runs of bench/results/mesh_runs_x2.json (2 x H200,
-# session 4: three configs at (2,1,1), (1,2,1), (1,1,2)), after every other term.
+# thread of that time (since made ~16x faster for small batches); they apply to `train.cuda_graph=off` only.
+# The mesh's host constants and p are fitted (`fit_mesh`) to the 42 multi-GPU runs of session 5, each in a
+# fresh launch (bench/mesh_sweep.sh): bench/results/mesh_skeleton_x2.json (the `gpu` preset with tiny dims,
+# 2 and 8 layers: host time alone), mesh_calibration_x2.json (6 configs) at (2,1,1), (1,2,1), (1,1,2), and
+# mesh_calibration_x4.json (2 configs at the six 4-GPU layouts). mesh_heldout_x2.json and
+# mesh_heldout_x4.json are not used.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE ...] --json`; a test keeps
 # these equal to the fit.
-H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_idle_layer_ms=5.0689, mesh_idle_step_ms=12.184, mesh_tp_layer_ms=1.638, mesh_ep_moe_ms=2.3615,
+H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_host_layer_ms=6.9654, mesh_host_step_ms=10.687, mesh_host_tp_layer_ms=3.3756, mesh_host_ep_moe_ms=2.448, mesh_host_sync_layer_ms=1.3745, mesh_overlap_p=1.3798,
                            source="fitted to the calibration runs of bench/results/plan_validate_v3.json + "
-                                  "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200); mesh idle to "
-                                  "mesh_runs_x2.json (2 x H200)")
+                                  "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200); mesh host to "
+                                  "mesh_skeleton_x2.json + mesh_calibration_x2.json + mesh_calibration_x4.json "
+                                  "(2 and 4 x H200)")
 
 
 def _interp(table, size_mb: float) -> float:
@@ -287,29 +300,47 @@ def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, 
             "elem_vocab": 2 * s.tokens * s.vocab / tp / bw, "elem_us": layer_passes * 1e-6,
             "head_bytes": 4 * s.tokens * s.vocab / tp / bw,
             "opt_bytes": s.local_params / bw, "opt_us": s.param_tensors * 1e-6,
-            **idle_features(s, dp, ep, tp, graphed)}
+            **launch_features(s, dp, ep, tp, graphed, layer_passes, moe_passes)}
 
 
-def idle_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool) -> dict[str, float]:
-    """The idle constants' features: only the launch mode's own are nonzero (a mesh when dp*ep*tp > 1)."""
-    mode = "mesh" if dp * ep * tp > 1 else "graph" if graphed else "eager"
-    out = {name: 0.0 for names in IDLE_MODES.values() for name in names}
-    if mode == "mesh":
-        out.update(mesh_idle_layer_ms=s.n_layers * 1e-3, mesh_idle_step_ms=1e-3,
-                   mesh_tp_layer_ms=s.n_layers * 1e-3 if tp > 1 else 0.0,
-                   mesh_ep_moe_ms=s.num_moe * 1e-3 if ep > 1 else 0.0)
+def launch_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool, layer_passes: float,
+                    moe_passes: float) -> dict[str, float]:
+    """The launch mode's constants' features, the others' 0: one GPU's idle constants (graph or op by op),
+    or on a mesh (dp*ep*tp > 1) the host's (a recomputed forward counts as the device's AGAIN share)."""
+    out = {name: 0.0 for names in IDLE_MODES.values() for name in names} | dict.fromkeys(MESH_HOST, 0.0)
+    if dp * ep * tp > 1:
+        out.update(mesh_host_layer_ms=layer_passes * 1e-3, mesh_host_step_ms=1e-3,
+                   mesh_host_tp_layer_ms=layer_passes * 1e-3 if tp > 1 else 0.0,
+                   mesh_host_sync_layer_ms=layer_passes * 1e-3 if dp * ep > 1 else 0.0,
+                   mesh_host_ep_moe_ms=moe_passes * 1e-3 if ep > 1 else 0.0)
     else:
-        layer, step = IDLE_MODES[mode]
+        layer, step = IDLE_MODES["graph" if graphed else "eager"]
         out.update({layer: s.n_layers * 1e-3, step: 1e-3})
     return out
 
 
 def compute_terms(f: dict[str, float], c: Constants) -> dict[str, float]:
-    """Seconds per term (TERMS) from `features` and the constants."""
+    """Seconds per term (TERMS) from `features` and the constants (a mesh's idle time comes later, from
+    the host's: `step_time`)."""
     terms = dict.fromkeys(TERMS, 0.0)
     for name, (term, _) in PARAMS.items():
-        terms[term] += f[name] * getattr(c, name)
+        if term in terms:
+            terms[term] += f[name] * getattr(c, name)
     return terms
+
+
+def mesh_host_time(f: dict[str, float], c: Constants) -> float:
+    """Seconds the host of a step on a mesh takes to launch it (0 off a mesh)."""
+    return sum(f[name] * getattr(c, name) for name in MESH_HOST)
+
+
+def soft_max(device: float, host: float, p: float) -> float:
+    """A step's time when the device and the host each take this long: their sum at p = 1, the larger
+    one as p grows (the host runs ahead of the device only as far as the step's syncs let it)."""
+    top = max(device, host)
+    if top <= 0:
+        return 0.0
+    return top * ((device / top) ** p + (host / top) ** p) ** (1 / p)
 
 
 def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, gpus_per_node: int,
@@ -342,9 +373,20 @@ def comm_terms(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU
 
 def step_time(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int, imbalance: float,
               constants: Constants, graphed: bool = False) -> StepTime:
-    terms = compute_terms(features(shape, dp, ep, tp, recompute, gpu, imbalance, graphed), constants)
+    return step_terms(shape, dp, ep, tp, recompute, gpu, gpus_per_node, imbalance, constants, graphed)[0]
+
+
+def step_terms(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int, imbalance: float,
+               constants: Constants, graphed: bool = False) -> tuple[StepTime, dict[str, float]]:
+    """(the step's time by term, the features): on a mesh its idle term is what the host adds to the
+    device's time."""
+    f = features(shape, dp, ep, tp, recompute, gpu, imbalance, graphed)
+    terms = compute_terms(f, constants)
     terms.update(comm_terms(shape, dp, ep, tp, recompute, gpu, gpus_per_node, imbalance))
-    return StepTime(terms)
+    if dp * ep * tp > 1:
+        device = sum(terms.values())
+        terms["idle"] = soft_max(device, mesh_host_time(f, constants), constants.mesh_overlap_p) - device
+    return StepTime(terms), f
 
 
 def shape_of(cfg, layout, counts=None) -> Shape:
@@ -487,8 +529,9 @@ def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
         y = np.array([r.term_s(term) for r in runs]) / step
         lower = np.array([LOWER[n] for n in names])
         values.update(zip(names, (lower + nnls(a, y - a @ lower)).tolist()))
-    for mode, names in IDLE_MODES.items():  # single-GPU runs: none is on a mesh
-        if mode == "mesh" or not any(r.graphed == (mode == "graph") for r in runs):
+    values.update({name: getattr(H200_CONSTANTS, name) for name in MESH})  # single-GPU runs: none on a mesh
+    for mode, names in IDLE_MODES.items():
+        if not any(r.graphed == (mode == "graph") for r in runs):
             values.update({name: getattr(H200_CONSTANTS, name) for name in names})
     return Constants(**values, source=f"fitted to the calibration runs of {files}" if files else "fitted")
 
@@ -549,6 +592,7 @@ class MeshRun:
     recompute: str
     step_s: float  # measured: median step time, max over ranks
     memory_gib: float | None  # measured allocated peak, max over ranks
+    steps_s: tuple[float, ...] = ()  # rank 0's timed steps after the warm-up ones (how much a step varies)
 
 
 def is_mesh_runs(path: Path) -> bool:
@@ -574,8 +618,10 @@ def load_mesh_runs(path: Path) -> list[MeshRun]:
     for label, run in data["runs"].items():
         if not isinstance(run.get("step_ms"), (int, float)) or "overrides" not in run:
             continue
+        warmup = data.get("warmup") or 0
         out.append(MeshRun(label, list(run["overrides"]), tuple(run["layout"]), bool(run["sequence_parallel"]),
-                           run["activation_checkpointing"], run["step_ms"] / 1e3, run.get("peak_gib")))
+                           run["activation_checkpointing"], run["step_ms"] / 1e3, run.get("peak_gib"),
+                           tuple(t / 1e3 for t in run.get("step_ms_all", [])[warmup:])))
     if not out:
         raise UserError(f"plan: --calibrate {path}: no measured run with its overrides in it (bench/mesh_runs.py "
                         f"records them since session 4)")
@@ -592,30 +638,77 @@ def mesh_run_terms(run: MeshRun, constants: Constants, gpu: GPU, gpus_per_node: 
     dp, ep, tp = run.layout
     cfg = load_config("gpu", run.overrides)
     shape = shape_of(cfg, build_layout(meta_model(cfg.model), dp, ep, tp, run.sequence_parallel))
-    f = features(shape, dp, ep, tp, run.recompute, gpu, IMBALANCE, graphed=False)
-    terms = compute_terms(f, constants)
-    terms.update(comm_terms(shape, dp, ep, tp, run.recompute, gpu, gpus_per_node, IMBALANCE))
-    return terms, f
+    t, f = step_terms(shape, dp, ep, tp, run.recompute, gpu, gpus_per_node, IMBALANCE, constants)
+    return t.terms, f
+
+
+# p tried by `fit_mesh` before it narrows down on the best: 1 (host and device add up) to 8 (nearly the larger)
+P_GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 
 
 def fit_mesh(runs: list[MeshRun], constants: Constants, gpu: GPU, files: str = "") -> Constants:
-    """The mesh's idle constants fitted (bounded least squares, residuals relative to the step) to what the
-    multi-GPU runs' measured step time leaves after every other predicted term; the rest as given."""
+    """The mesh's host constants and p (`MESH`) fitted to the multi-GPU runs' measured step times, every
+    other term as given: for each p, bounded nonlinear least squares of the relative step-time errors
+    (`_fit_host`); p by a grid (P_GRID), then golden-section search around the grid's best."""
     import numpy as np
 
-    names = IDLE_MODES["mesh"]
     rows = []
     for run in (r for r in runs if math.prod(r.layout) > 1):
         terms, f = mesh_run_terms(run, constants, gpu)
-        rest = sum(v for k, v in terms.items() if k != "idle")
-        rows.append(([f[n] for n in names], run.step_s - rest, run.step_s))
+        rows.append((sum(v for k, v in terms.items() if k != "idle"), [f[n] for n in MESH_HOST], run.step_s))
     if not rows:
-        raise UserError(f"plan: --calibrate {files or 'runs'}: no multi-GPU run to fit the mesh's idle time on")
-    a = np.array([r[0] for r in rows]) / np.array([[r[2]] for r in rows])
-    y = np.array([r[1] / r[2] for r in rows])
-    values = dict(zip(names, nnls(a, y).tolist()))
-    source = f"{constants.source}; mesh idle fitted to the runs of {files}" if files else constants.source
+        raise UserError(f"plan: --calibrate {files or 'runs'}: no multi-GPU run to fit the mesh's host time on")
+    device = np.array([r[0] for r in rows])
+    feats = np.array([r[1] for r in rows])
+    step = np.array([r[2] for r in rows])
+    fits = {p: _fit_host(device, feats, step, p) for p in P_GRID}
+    best = min(fits, key=lambda p: fits[p][1])
+    i = P_GRID.index(best)
+    lo, hi = P_GRID[max(i - 1, 0)], P_GRID[min(i + 1, len(P_GRID) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    while hi - lo > 1e-4:
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        for p in (a, b):
+            fits.setdefault(p, _fit_host(device, feats, step, p))
+        lo, hi = (lo, b) if fits[a][1] <= fits[b][1] else (a, hi)
+    best = min(fits, key=lambda p: fits[p][1])
+    values = dict(zip(MESH_HOST, fits[best][0].tolist())) | {"mesh_overlap_p": best}
+    source = f"{constants.source}; mesh host fitted to the runs of {files}" if files else constants.source
     return dataclasses.replace(constants, **values, source=source)
+
+
+def _fit_host(device, feats, step, p: float, iterations: int = 200):
+    """(host constants >= 0, their relative step-time misfit): min sum ((soft_max(device, feats @ x, p) -
+    step) / step)^2 by projected Gauss-Newton (each step a bounded linear least-squares problem), halving
+    a step that does not lower the misfit."""
+    import numpy as np
+
+    def predict(x):
+        host = feats @ x
+        top = np.maximum(np.maximum(device, host), 1e-12)
+        return top * ((device / top) ** p + (host / top) ** p) ** (1 / p), host
+
+    def misfit(x):
+        return float(np.sum(((predict(x)[0] - step) / step) ** 2))
+
+    x = nnls(feats / step[:, None], 1 - device / step)  # p = 1: host and device add up, a linear problem
+    cost = misfit(x)
+    for _ in range(iterations):
+        pred, host = predict(x)
+        # d pred / d host = (host / pred)^(p-1); the residuals relative to the step
+        jac = ((np.maximum(host, 0) / pred) ** (p - 1))[:, None] * feats / step[:, None]
+        target = nnls(jac, jac @ x - (pred - step) / step)
+        t = 1.0
+        while t > 1e-6:
+            trial = x + t * (target - x)
+            trial_cost = misfit(trial)
+            if trial_cost < cost:
+                break
+            t /= 2
+        if t <= 1e-6 or cost - trial_cost < 1e-15 * max(cost, 1e-30):
+            break
+        x, cost = trial, trial_cost
+    return x, math.sqrt(cost / len(step))
 
 
 def constants_dict(c: Constants) -> dict:
