@@ -15,15 +15,20 @@ def merge(paths: list[Path]) -> dict:
     out = {"format": "moemesh mesh_runs merged 1", "sources": [], "launches": [], "runs": {}, "errors": []}
     for path in paths:
         data = json.loads(path.read_text())
-        for key in ("command", "torch", "worker_torch", "gpu", "gpus", "date", "steps", "warmup", "profile_steps"):
+        for key in ("torch", "worker_torch", "gpu", "gpus", "date", "steps", "warmup", "profile_steps"):
             out.setdefault(key, data.get(key))
+        for key in ("steps", "warmup"):  # the planner reads every run's timed steps by the file's warm-up
+            if data.get(key) != out[key]:
+                raise SystemExit(f"mesh_merge: {path} has {key}={data.get(key)}, the first file {out[key]}")
         out["sources"].append({"label": path.parent.name, "command": data.get("command"), "date": data.get("date"),
                                "script_s": data.get("script_s")})
         out["launches"] += data.get("launches", [])
         out["errors"] += data.get("errors", [])
         for key, run in data["runs"].items():
-            out["runs"][f"{path.parent.name}/{key.split('/', 1)[1]}"] = run
-    out.pop("command", None)  # each source's command is in "sources"
+            label = f"{path.parent.name}/{key.split('/', 1)[1]}"
+            if label in out["runs"]:
+                raise SystemExit(f"mesh_merge: {label} is in two files (each config's runs need a directory of their own)")
+            out["runs"][label] = run
     return out
 
 

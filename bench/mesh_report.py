@@ -37,8 +37,9 @@ def predict(run, constants) -> dict:
 
 
 def apart(a: list[float], b: list[float], alpha: float = 0.05) -> bool:
-    """Whether two runs' timed steps differ beyond their variation: the exact two-sided Mann-Whitney U test
-    (ties count a half) rejects equal distributions at `alpha`. Runs without per-step times count as apart."""
+    """Whether two runs' timed steps differ beyond their variation: the two-sided Mann-Whitney U test rejects
+    equal distributions at `alpha`. Exact for untied steps; ties count a half against the untied null
+    distribution, which makes the test conservative there. Runs without per-step times count as apart."""
     if not a or not b:
         return True
     u = sum((x < y) + 0.5 * (x == y) for x in a for y in b)
@@ -50,8 +51,9 @@ def apart(a: list[float], b: list[float], alpha: float = 0.05) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _u_counts(m: int, n: int) -> tuple[int, ...]:
-    """The number of orderings of m and n distinct values with U = 0, 1, ..., m*n (f(m, n, u) = f(m-1, n, u-n)
-    + f(m, n-1, u): the largest value is one of the m, above all n, or one of the n)."""
+    """The number of orderings of m and n distinct values with U = 0, 1, ..., m*n, U the pairs where the
+    first sample's value is the larger (f(m, n, u) = f(m-1, n, u-n) + f(m, n-1, u): the largest value is one
+    of the m, above all n, or one of the n). Symmetric in u and m*n - u, so it serves `apart`'s U too."""
     if m == 0 or n == 0:
         return (1,)
     out = [0] * (m * n + 1)

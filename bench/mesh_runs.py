@@ -294,7 +294,8 @@ def run_world(world: int, jobs: list[dict], args, report: dict, a2a: bool, deadl
     parts.mkdir(parents=True, exist_ok=True)
     while (pending or a2a) and time.perf_counter() < deadline:
         attempt += 1
-        part = parts / f"world{world}-attempt{attempt}.json"
+        # numbered by launch: with --launch-per-job every job's launches get their own part and error files
+        part = parts / f"launch{len(report['launches']) + 1}-world{world}-attempt{attempt}.json"
         spec = {"dry": args.cpu_dry_run, "jobs": pending, "a2a": a2a, "part": str(part), "steps": args.steps,
                 "warmup": args.warmup, "profile_steps": args.profile_steps, "timeout_s": args.timeout_s}
         t0 = time.perf_counter()

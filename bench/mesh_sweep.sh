@@ -4,11 +4,13 @@
 #   NCCL_NVLS_ENABLE=0 PYTHONPATH=src bash bench/mesh_sweep.sh SET N [ONLY]
 # SET: skeleton     the `gpu` preset with tiny dims, 2 and 8 layers: a step that is host time only
 #      calibration  session 4's three configs and its three held-out ones (now seen)
+#                   (session 5's 4-GPU calibration was `heldout 4 'e64-k8|d4096'`: bench/results/mesh_calibration_x4.json)
 #      heldout      configs never measured before (session 5), run at 2 GPUs and two of them at 4
 #      heldout4     two more configs never measured before, for 4 GPUs (session 5, after the fit on the rest)
 # ONLY: a regular expression; only the configs whose label matches it run.
 # bench/mesh_report.py compares them with the planner; `moemesh plan --calibrate` fits on them.
-set -u
+set -u -o pipefail
+FAILED=0
 SET=$1; N=$2; ONLY=${3:-.}
 OUT=${OUT:-/tmp/mesh_sweep}
 case $N in
@@ -24,8 +26,10 @@ run() {
   python3 "$(dirname "$0")/mesh_runs.py" --gpus "$N" --layouts "$LAYOUTS" --configs "$config" --launch-per-job \
     --no-single --no-a2a --steps 10 --warmup 3 --profile-steps 0 --deadline-s 560 --timeout-s 120 \
     --out "$OUT/$SET-x$N/$label" "${sets[@]}" 2>&1 | grep "^\[mesh_runs\]\|Error\|error" | cut -c1-200
+  local status=$?  # mesh_runs.py's exit status (1 when a run failed), through the filter
+  [ "$status" -eq 0 ] || { echo "mesh_sweep: $label failed (exit $status)"; FAILED=1; }
 }
-SKELETON="model.dim=256 model.ffn_dim=256 model.n_heads=4 model.n_kv_heads=4 model.vocab_size=1024 model.max_seq_len=256 train.seq_len=256 train.global_batch=8"
+SKELETON=$(cd "$(dirname "$0")" && python3 -c "from host_probe import SKELETON; print(' '.join(SKELETON))") || exit 1
 case $SET in
   skeleton)
     # shellcheck disable=SC2086
@@ -61,3 +65,4 @@ case $SET in
   *) echo "SET must be skeleton, calibration, heldout or heldout4"; exit 2 ;;
 esac
 python3 "$(dirname "$0")/mesh_merge.py" "$OUT/mesh_${SET}_x$N.json" "$OUT/$SET-x$N"/*/mesh_runs.json
+exit $FAILED

@@ -167,23 +167,19 @@ def write_mesh_measurements(path: Path, layouts: list[tuple[int, int, int]], con
     path.write_text(json.dumps({"gpu": "synthetic", "launches": [], "runs": runs}))
 
 
-SKELETON = ["model.dim=256", "model.ffn_dim=256", "model.n_heads=4", "model.n_kv_heads=4", "model.vocab_size=1024",
-            "model.max_seq_len=256", "train.seq_len=256", "train.global_batch=8"]  # bench/mesh_sweep.sh's
-
-
 def test_the_mesh_fit_recovers_known_host_constants_and_p(tmp_path: Path):
     """Multi-GPU step times made from known constants at the layouts of 2 and 4 GPUs (and a 1-GPU run, which
     the mesh fit leaves out), skeleton configs among them: fitted after the single-GPU files, the mesh's host
     constants and p come back; the others are the single-GPU fit's."""
-    pv = bench("plan_validate")
+    pv, skeleton = bench("plan_validate"), bench("host_probe").SKELETON  # bench/mesh_sweep.sh's skeleton
     configs = {"gpu": [], "d2048": ["model.n_layers=4", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=4"],
                "e32-top4": ["model.num_experts=32", "model.top_k=4", "model.ffn_dim=704"],
-               "skeleton-L2": [*SKELETON, "model.n_layers=2"], "skeleton-L8": SKELETON}  # valid at tp=4
+               "skeleton-L2": [*skeleton, "model.n_layers=2"], "skeleton-L8": skeleton}  # valid at tp=4
     layouts = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)]
     write_mesh_measurements(tmp_path / "mesh.json", layouts, configs, TRUTH)
     write_measurements(tmp_path / "m.json", {label: ("calibration", o, TRUTH, 1.0) for label, o in pv.CALIBRATION.items()})
     fitted = fit([tmp_path / "m.json", tmp_path / "mesh.json"])
-    for name in (*MESH, "gemm_b", "idle_step_ms"):
+    for name in (*MESH, "gemm_b", "idle_step_ms"):  # rel 1e-3: the golden section finds p to 1e-4
         assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=1e-3), name
     assert fitted.graph_idle_step_ms == H200_CONSTANTS.graph_idle_step_ms  # no graph run: the shipped pair
     assert "mesh.json" in fitted.source
@@ -292,3 +288,29 @@ def test_foreign_calibration_file(tmp_path: Path):
         fit(tmp_path / "x.json")
     with pytest.raises(UserError, match="not a GPU benchmark"):
         fit(ROOT / "bench" / "results" / "moe_layer.json")
+
+
+def test_a_mesh_steps_host_time_by_layout_and_recompute():
+    """The host's launches per layer pass: a recomputed forward adds the AGAIN share where its launches run
+    again (every layer under "full"; the MoE layers, with their all-to-alls and split syncs, under "moe"),
+    TP's collectives only under "full" (outside the recomputed function) and the gradient hooks never."""
+    from moemesh.config import load_config
+    from moemesh.parallel.layout import build_layout
+    from moemesh.plan.cost import AGAIN, MESH_HOST, features, shape_of
+    from moemesh.plan.memory import meta_model
+
+    cfg = load_config("gpu", ["model.num_dense_layers=2"])  # 8 layers, 6 of them MoE
+    L, M = 8, 6
+    want = {  # (dp, ep, tp), recompute -> (layer, step, tp, ep, sync) in host passes
+        ((2, 1, 1), "none"): (L, 1, 0, 0, L), ((1, 1, 2), "none"): (L, 1, L, 0, 0), ((1, 2, 1), "none"): (L, 1, 0, M, L),
+        ((1, 2, 1), "moe"): (L + AGAIN * M, 1, 0, M * (1 + AGAIN), L),
+        ((2, 2, 2), "moe"): (L + AGAIN * M, 1, L, M * (1 + AGAIN), L),
+        ((2, 2, 2), "full"): (L * (1 + AGAIN), 1, L * (1 + AGAIN), M * (1 + AGAIN), L),
+    }
+    for ((dp, ep, tp), recompute), passes in want.items():
+        shape = shape_of(cfg, build_layout(meta_model(cfg.model), dp, ep, tp, False))
+        f = features(shape, dp, ep, tp, recompute, GPUS["h200"], 1.0, False)
+        assert [f[n] * 1e3 for n in MESH_HOST] == pytest.approx(passes), (dp, ep, tp, recompute)
+    one = features(shape_of(cfg, build_layout(meta_model(cfg.model), 1, 1, 1, False)), 1, 1, 1, "none",
+                   GPUS["h200"], 1.0, True)
+    assert all(one[n] == 0 for n in MESH_HOST) and one["graph_idle_layer_ms"] == L * 1e-3

@@ -6,9 +6,8 @@
     op and its host is as slow as its device: t_device + t_idle = (t_device^p + t_host^p)^(1/p), a soft
     maximum of the device's time and the host's (p = mesh_overlap_p: 1 when they add up, large when each
     hides the other), t_host per layer and per step (`mesh_host_time`). The collectives are counted in full:
-    the gradient all-reduce overlaps the backward pass (parallel.overlap_grad_reduce), but on 2 and 4 H200s
-    a fit that may count only part of it (0.5-2x) fits best counting all of it (docs/planner.md): its
-    kernels slow the compute beside them as much as they hide.
+    the gradient all-reduce overlaps the backward pass (parallel.overlap_grad_reduce), but fits that scale
+    it by 0.5-2 did no better on 2 H200s (docs/planner.md): its kernels slow the compute beside them.
 
 Each compute term models one kernel class of a profiled step (plan/kernels.py) and is fitted to THAT
 class's measured GPU time across the calibration configs (bench/plan_validate.py), t_idle to what is left
@@ -203,11 +202,11 @@ LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 # way. The 13 held-out configs of v4 are not used (nor v3's held-out runs, whose configs v4 re-measured).
 # The op-by-op idle constants absorb host-bound gaps and, at 4096-8192-token sequences, the synthetic batch
 # thread of that time (since made ~16x faster for small batches); they apply to `train.cuda_graph=off` only.
-# The mesh's host constants and p are fitted (`fit_mesh`) to the 42 multi-GPU runs of session 5, each in a
+# The mesh's host constants and p are fitted (`fit_mesh`) to the 36 multi-GPU runs of session 5, each in a
 # fresh launch (bench/mesh_sweep.sh): bench/results/mesh_skeleton_x2.json (the `gpu` preset with tiny dims,
 # 2 and 8 layers: host time alone), mesh_calibration_x2.json (6 configs) at (2,1,1), (1,2,1), (1,1,2), and
-# mesh_calibration_x4.json (2 configs at the six 4-GPU layouts). mesh_heldout_x2.json and
-# mesh_heldout_x4.json are not used.
+# mesh_calibration_x4.json (2 of the held-out set's configs at the six 4-GPU layouts: `mesh_sweep.sh
+# heldout 4 'e64-k8|d4096'`). The runs of mesh_heldout_x2.json and mesh_heldout_x4.json are not used.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE ...] --json`; a test keeps
 # these equal to the fit.
 H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_host_layer_ms=6.9654, mesh_host_step_ms=10.687, mesh_host_tp_layer_ms=3.3756, mesh_host_ep_moe_ms=2.448, mesh_host_sync_layer_ms=1.3745, mesh_overlap_p=1.3798,
@@ -300,18 +299,22 @@ def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, 
             "elem_vocab": 2 * s.tokens * s.vocab / tp / bw, "elem_us": layer_passes * 1e-6,
             "head_bytes": 4 * s.tokens * s.vocab / tp / bw,
             "opt_bytes": s.local_params / bw, "opt_us": s.param_tensors * 1e-6,
-            **launch_features(s, dp, ep, tp, graphed, layer_passes, moe_passes)}
+            **launch_features(s, dp, ep, tp, graphed, recompute, layer_passes, moe_passes)}
 
 
-def launch_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool, layer_passes: float,
+def launch_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool, recompute: str, layer_passes: float,
                     moe_passes: float) -> dict[str, float]:
     """The launch mode's constants' features, the others' 0: one GPU's idle constants (graph or op by op),
-    or on a mesh (dp*ep*tp > 1) the host's (a recomputed forward counts as the device's AGAIN share)."""
+    or on a mesh (dp*ep*tp > 1) the host's. A recomputed forward counts as the device's AGAIN share of a
+    layer pass where its launches run again: every op under "full", the MoE layer under "moe" (its
+    all-to-alls and split syncs too), but TP's collectives only under "full" (they sit outside the
+    recomputed function, as in `comm_terms`) and the gradient hooks never (once per backward)."""
     out = {name: 0.0 for names in IDLE_MODES.values() for name in names} | dict.fromkeys(MESH_HOST, 0.0)
     if dp * ep * tp > 1:
+        blocks = s.n_layers * (1 + (AGAIN if recompute == "full" else 0.0))
         out.update(mesh_host_layer_ms=layer_passes * 1e-3, mesh_host_step_ms=1e-3,
-                   mesh_host_tp_layer_ms=layer_passes * 1e-3 if tp > 1 else 0.0,
-                   mesh_host_sync_layer_ms=layer_passes * 1e-3 if dp * ep > 1 else 0.0,
+                   mesh_host_tp_layer_ms=blocks * 1e-3 if tp > 1 else 0.0,
+                   mesh_host_sync_layer_ms=s.n_layers * 1e-3 if dp * ep > 1 else 0.0,
                    mesh_host_ep_moe_ms=moe_passes * 1e-3 if ep > 1 else 0.0)
     else:
         layer, step = IDLE_MODES["graph" if graphed else "eager"]
@@ -566,7 +569,7 @@ def nnls(a, y):
 def fit(paths, gpu: GPU | None = None) -> Constants:
     """The constants fitted to the calibration runs of one or more benchmark JSON files: bench/plan_validate.py's
     single-GPU runs fit every term (`fit_runs`), then bench/mesh_runs.py's multi-GPU runs, if any, the mesh's
-    idle constants (`fit_mesh`)."""
+    host constants and p (`fit_mesh`)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     gpu = gpu or GPUS["h200"]
     mesh = [p for p in paths if is_mesh_runs(p)]
@@ -581,7 +584,7 @@ def fit(paths, gpu: GPU | None = None) -> Constants:
     return constants
 
 
-# --- calibration of the mesh's idle time on multi-GPU runs (bench/mesh_runs.py) -----------------------
+# --- calibration of the mesh's host time on multi-GPU runs (bench/mesh_runs.py, bench/mesh_sweep.sh) ---
 
 @dataclass
 class MeshRun:
@@ -666,11 +669,18 @@ def fit_mesh(runs: list[MeshRun], constants: Constants, gpu: GPU, files: str = "
     i = P_GRID.index(best)
     lo, hi = P_GRID[max(i - 1, 0)], P_GRID[min(i + 1, len(P_GRID) - 1)]
     golden = (math.sqrt(5) - 1) / 2
-    while hi - lo > 1e-4:
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        for p in (a, b):
-            fits.setdefault(p, _fit_host(device, feats, step, p))
-        lo, hi = (lo, b) if fits[a][1] <= fits[b][1] else (a, hi)
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    for p in (a, b):
+        fits[p] = _fit_host(device, feats, step, p)
+    while hi - lo > 1e-4:  # the surviving interior point is kept: one new fit per step
+        if fits[a][1] <= fits[b][1]:
+            hi, b = b, a
+            a = hi - golden * (hi - lo)
+            fits[a] = _fit_host(device, feats, step, a)
+        else:
+            lo, a = a, b
+            b = lo + golden * (hi - lo)
+            fits[b] = _fit_host(device, feats, step, b)
     best = min(fits, key=lambda p: fits[p][1])
     values = dict(zip(MESH_HOST, fits[best][0].tolist())) | {"mesh_overlap_p": best}
     source = f"{constants.source}; mesh host fitted to the runs of {files}" if files else constants.source

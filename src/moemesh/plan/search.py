@@ -111,17 +111,16 @@ TERM_WORDS = {"idle": "host-bound idle"}  # the GPUs waiting for the host to lau
 
 
 def explain(best: Candidate, ranked: list[Candidate]) -> str:
-    words = lambda term: TERM_WORDS.get(term, term)  # noqa: E731
     why = [f"(dp={best.dp}, ep={best.ep}, tp={best.tp}{', SP' if best.sequence_parallel else ''}, "
            f"recompute={best.recompute}) is fastest at {best.step_s * 1e3:.1f} ms a step; its largest term is "
-           f"{words(best.bottleneck)} ({best.terms[best.bottleneck] / best.step_s:.0%})."]
+           f"{TERM_WORDS.get(best.bottleneck, best.bottleneck)} ({best.terms[best.bottleneck] / best.step_s:.0%})."]
     others = [c for c in ranked[1:] if (c.dp, c.ep, c.tp) != (best.dp, best.ep, best.tp)]
     if others:
         o = others[0]
         diff = {k: o.terms[k] - best.terms[k] for k in best.terms}
         worst = max(diff, key=diff.get)
         why.append(f"The best other layout (dp={o.dp}, ep={o.ep}, tp={o.tp}) takes {o.step_s * 1e3:.1f} ms, mostly "
-                   f"because of {words(worst)} (+{diff[worst] * 1e3:.1f} ms).")
+                   f"because of {TERM_WORDS.get(worst, worst)} (+{diff[worst] * 1e3:.1f} ms).")
     if best.recompute != "none":
         why.append("Activation checkpointing is needed to fit in memory at this layout.")
     return " ".join(why)
