@@ -11,6 +11,7 @@
 # bench/mesh_report.py compares them with the planner; `moemesh plan --calibrate` fits on them.
 set -u -o pipefail
 FAILED=0
+if [ $# -lt 2 ]; then echo "usage: bash bench/mesh_sweep.sh SET N [ONLY]  (SET: skeleton, calibration, heldout, heldout4; N: 2 or 4)"; exit 2; fi
 SET=$1; N=$2; ONLY=${3:-.}
 OUT=${OUT:-/tmp/mesh_sweep}
 case $N in

@@ -7,6 +7,8 @@ User errors print one line `moemesh: error: ...` on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from importlib import metadata
 
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         report("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader of our output has gone (`moemesh plan ... | head`): nothing to say, and nothing left
+        # to flush at exit, which would raise again; a shell's exit status for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -67,3 +67,17 @@ def test_validation_dry_run_then_offline_report(tmp_path: Path):
         report = json.loads((tmp_path / "report.json").read_text())
         assert set(report["summary"]) == {"calibration", "heldout"} and len(report["rows"]) == 2
         assert "## heldout (1 configs)" in proc.stdout and "| idle |" in proc.stdout
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path):
+    """`moemesh plan ... | head -1`: the output's reader is gone (here before the first write); the command
+    ends quietly with the shell's status for SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moemesh", "plan", "gpu", "--gpus", "8", "--set",
+                               "train.global_batch=64"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(SRC)},
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""

@@ -452,7 +452,8 @@ def load_runs(path: Path) -> list[Run]:
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, dict) or "gpu" not in data:
         raise UserError(f"plan: --calibrate {path}: not a GPU benchmark of this project (expected the format of "
-                        f"bench/plan_validate.py's or bench/train_e2e.py's output: a 'gpu' and 'runs')")
+                        f"bench/plan_validate.py's or bench/train_e2e.py's output: a 'gpu' and 'runs'; or "
+                        f"bench/mesh_runs.py's: runs with a layout each)")
     out = []
     for label, run in runs.items():
         if not isinstance(run, dict) or not isinstance(run.get("tokens_per_s"), (int, float)) or run["tokens_per_s"] <= 0:
@@ -693,7 +694,7 @@ def _fit_host(device, feats, step, p: float, iterations: int = 200):
     a step that does not lower the misfit."""
     import numpy as np
 
-    def predict(x):
+    def predict(x):  # soft_max over arrays
         host = feats @ x
         top = np.maximum(np.maximum(device, host), 1e-12)
         return top * ((device / top) ** p + (host / top) ** p) ** (1 / p), host
