@@ -12,6 +12,8 @@ only) and layout (every (dp, ep, tp) of --gpus GPUs and 1 GPU, the latter with a
            at the step's own syncs), max over ranks;
   syncs    host syncs in one step (torch.cuda.set_sync_debug_mode, which may miss some);
   profile  rank 0's cProfile of --profile-steps steps: the top functions by own time.
+The 1-GPU jobs run in this process, the mesh jobs in one launch of --gpus ranks (`--passes` repeats them
+there; step times of host-bound steps vary between lent machines: compare layouts within one call).
 Writes host_probe.json under --out.
 """
 
