@@ -81,3 +81,13 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path):
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_a_host_bound_winner_says_to_calibrate(tmp_path: Path):
+    """The `gpu` preset on 4 GPUs is host-bound at every layout: the explanation names that and the remedy;
+    on one GPU (a CUDA graph) it does not."""
+    four = moemesh("plan", "gpu", "--gpus", "4", cwd=tmp_path)
+    assert four.returncode == 0, four.stderr
+    assert "largest term is host-bound idle" in four.stdout and "calibrate on yours (bench/mesh_sweep.sh" in four.stdout
+    one = moemesh("plan", "gpu", "--gpus", "1", cwd=tmp_path)
+    assert one.returncode == 0 and "calibrate on yours" not in one.stdout

@@ -314,3 +314,13 @@ def test_a_mesh_steps_host_time_by_layout_and_recompute():
     one = features(shape_of(cfg, build_layout(meta_model(cfg.model), 1, 1, 1, False)), 1, 1, 1, "none",
                    GPUS["h200"], 1.0, True)
     assert all(one[n] == 0 for n in MESH_HOST) and one["graph_idle_layer_ms"] == L * 1e-3
+
+
+def test_a_skeleton_sweep_alone_refits_the_host_but_keeps_p():
+    """bench/mesh_sweep.sh's skeleton runs are host time alone: they cannot tell how host and device
+    combine, so a fit on them keeps the shipped p and fits the host constants at it."""
+    skeleton = ROOT / "bench" / "results" / "mesh_skeleton_x2.json"
+    fitted = fit(skeleton)
+    assert fitted.mesh_overlap_p == H200_CONSTANTS.mesh_overlap_p
+    assert fitted.mesh_host_layer_ms != H200_CONSTANTS.mesh_host_layer_ms and fitted.mesh_host_layer_ms > 0
+    assert "mesh_skeleton_x2.json" in fitted.source

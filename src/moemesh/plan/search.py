@@ -123,6 +123,9 @@ def explain(best: Candidate, ranked: list[Candidate]) -> str:
                    f"because of {TERM_WORDS.get(worst, worst)} (+{diff[worst] * 1e3:.1f} ms).")
     if best.recompute != "none":
         why.append("Activation checkpointing is needed to fit in memory at this layout.")
+    if best.bottleneck == "idle" and best.dp * best.ep * best.tp > 1:
+        why.append("A host-bound step's time varies between machines: calibrate on yours (bench/mesh_sweep.sh, "
+                   "docs/planner.md).")
     return " ".join(why)
 
 
