@@ -199,6 +199,10 @@ def main() -> int:
         report["failure"] = failure and str(failure)
     report["script_s"] = round(time.perf_counter() - started, 1)
     (out / "host_probe.json").write_text(json.dumps(report, indent=1))
+    failed = [key for key, run in report["runs"].items() if "error" in run]
+    if failed or report.get("failure"):
+        print(f"[host_probe] failed: {failed or report['failure']}", file=sys.stderr)
+        return 1
     return 0
 
 

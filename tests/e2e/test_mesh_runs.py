@@ -59,6 +59,11 @@ def test_a_launch_per_job_without_profile_then_merged(tmp_path: Path):
     runs = load_mesh_runs(merged)
     assert is_mesh_runs(merged) and {r.layout for r in runs} == {(2, 1, 1), (1, 1, 2)}
     assert all(len(r.steps_s) == report["steps"] - report["warmup"] for r in runs)
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "mesh_merge.py"), str(tmp_path / "bad.json"),
+                          str(out / "mesh_runs.json"), str(tmp_path / "missing" / "mesh_runs.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_host_probe_dry_run(tmp_path: Path):

@@ -618,11 +618,10 @@ def load_mesh_runs(path: Path) -> list[MeshRun]:
     data = _read_json(path)  # a missing or unreadable file says so
     if not _is_mesh_data(data):
         raise UserError(f"plan: --calibrate {path}: not bench/mesh_runs.py's output (runs with a layout each)")
-    out = []
+    out, warmup = [], data.get("warmup") or 0
     for label, run in data["runs"].items():
         if not isinstance(run.get("step_ms"), (int, float)) or "overrides" not in run:
             continue
-        warmup = data.get("warmup") or 0
         out.append(MeshRun(label, list(run["overrides"]), tuple(run["layout"]), bool(run["sequence_parallel"]),
                            run["activation_checkpointing"], run["step_ms"] / 1e3, run.get("peak_gib"),
                            tuple(t / 1e3 for t in run.get("step_ms_all", [])[warmup:])))
