@@ -30,7 +30,10 @@ def predict(run, constants) -> dict:
     from moemesh.plan.search import IMBALANCE, enumerate_plans
 
     dp, ep, tp = run.layout
-    cfg = load_config("gpu", run.overrides)
+    # as it ran: replayed as one CUDA graph or launched op by op (every multi-GPU run before session 6), where
+    # the run says (a single-GPU run of an older file: as the planner assumes)
+    launch = {True: ["train.cuda_graph=on"], False: ["train.cuda_graph=off"], None: []}[run.graphed]
+    cfg = load_config("gpu", [*run.overrides, *launch])
     (c,) = [c for c in enumerate_plans(cfg, dp * ep * tp, 8, GPUS["h200"], constants, IMBALANCE)
             if (c.dp, c.ep, c.tp, c.sequence_parallel, c.recompute) == (dp, ep, tp, run.sequence_parallel, run.recompute)]
     return {"step_ms": c.step_s * 1e3, "memory_gib": c.memory / GIB}
@@ -77,7 +80,7 @@ def report(paths: list[Path], fit_files: list[Path] | None = None) -> dict:
                      "err_step": p["step_ms"] / (run.step_s * 1e3) - 1, "measured_memory_gib": run.memory_gib,
                      "predicted_memory_gib": p["memory_gib"],
                      "err_memory": p["memory_gib"] / run.memory_gib - 1 if run.memory_gib else None,
-                     "steps_ms": [t * 1e3 for t in run.steps_s]})
+                     "steps_ms": [t * 1e3 for t in run.steps_s], "cuda_graph": run.graphed})
     multi = [r for r in rows if r["gpus"] > 1]
     ranking = {}
     for config, gpus in sorted({(r["config"], r["gpus"]) for r in multi}):
@@ -101,8 +104,14 @@ def report(paths: list[Path], fit_files: list[Path] | None = None) -> dict:
                "pairs_apart_agreeing": sum(v["apart_agreeing"] for v in ranking.values()),
                "fastest_right": sum(v["fastest_measured"] == v["fastest_predicted"] for v in ranking.values()),
                "configs": len(ranking)}
+    by_launch = {}  # a step replayed as one CUDA graph is the device's; one launched op by op, host-bound
+    for name, graphed in (("cuda_graph", True), ("op_by_op", False)):
+        errs = [r["err_step"] for r in multi if bool(r["cuda_graph"]) == graphed]
+        if errs:
+            by_launch[name] = {"runs": len(errs), "step_mae": statistics.fmean(abs(e) for e in errs),
+                               "step_worst": max(errs, key=abs)}
     return {"files": [str(p) for p in paths], "constants_source": constants.source, "rows": rows,
-            "ranking": ranking, "summary_multi_gpu": summary}
+            "ranking": ranking, "summary_multi_gpu": summary, "summary_by_launch": by_launch}
 
 
 def format_report(rep: dict) -> str:
@@ -118,6 +127,9 @@ def format_report(rep: dict) -> str:
                       f"memory worst {s['memory_worst']:+.1%}; layout pairs ordered as measured: {s['pairs_agreeing']} of "
                       f"{s['pairs']}; of the {s['pairs_apart']} pairs measured apart: {s['pairs_apart_agreeing']}; "
                       f"fastest layout right for {s['fastest_right']} of {s['configs']} configs"]
+        lines += [f"- steps {'replayed as one CUDA graph' if name == 'cuda_graph' else 'launched op by op'}: "
+                  f"{v['runs']} runs, MAE {v['step_mae']:.1%}, worst {v['step_worst']:+.1%}"
+                  for name, v in rep["summary_by_launch"].items()]
     for config, v in rep["ranking"].items():
         wrong = f" (wrong: {'; '.join(v['wrong'])})" if v["wrong"] else ""
         lines.append(f"- {config}: {v['agreeing']}/{v['pairs']} pairs, {v['apart_agreeing']}/{v['apart']} of those "

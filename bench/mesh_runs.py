@@ -18,7 +18,8 @@ same seed on the same global batches as the 1-GPU run (1,1,1), which is always i
     `--parity-steps` steps, against a stated tolerance (bf16 5e-3, the tolerance of the 2-GPU parity table
     in docs/benchmarks.md: bf16 rounding of activations and gradients summed in another order; fp32 in the
     dry run 1e-5);
-  - a profiled window of `--profile-steps` more steps: per step, compute, TP / EP / DP communication
+  - a profiled window of `--profile-steps` more steps (not for steps replayed as one CUDA graph, whose
+    collectives have no host ranges to attribute them by): per step, compute, TP / EP / DP communication
     (kernel time and the part not hidden behind compute) and idle (parallel/comm_profile.py), per rank;
   - the planner's prediction for that layout (moemesh.plan.search on `h200`, 8 GPUs per node): step time,
     allocated peak and its terms, beside the measurement; speed-up and scaling efficiency vs 1 GPU.
@@ -82,7 +83,7 @@ def _candidate_row(c, tokens: int) -> dict:
     from moemesh.plan.memory import GIB
 
     return {"dp": c.dp, "ep": c.ep, "tp": c.tp, "sequence_parallel": c.sequence_parallel,
-            "activation_checkpointing": c.recompute, "step_ms": c.step_s * 1e3, "tokens_per_s": tokens / c.step_s,
+            "activation_checkpointing": c.recompute, "cuda_graph": c.graphed, "step_ms": c.step_s * 1e3, "tokens_per_s": tokens / c.step_s,
             "memory_gib": c.memory / GIB, "build_gib": c.build / GIB, "device_gib": c.need / GIB, "fits": c.fits, "bottleneck": c.bottleneck,
             "terms_ms": {k: v * 1e3 for k, v in c.terms.items()}}
 
@@ -165,7 +166,8 @@ def run_layout(job: dict, spec: dict, device: torch.device) -> dict:
             times.append(time.perf_counter() - t0)
         dist.barrier()
         split = None
-        if profiled:
+        # A replayed graph's collectives have no host ranges to attribute its kernels by: no split for it.
+        if profiled and not trainer.captured:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
@@ -177,6 +179,7 @@ def run_layout(job: dict, spec: dict, device: torch.device) -> dict:
                                        profiled)
     finally:
         trainer.close()
+    graphed = trainer.captured  # its steps were replayed as one CUDA graph (train/cuda_graph.py)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_s = _world_max(statistics.median(times[warmup:]), device)
     splits = [None] * dist.get_world_size()
@@ -190,7 +193,7 @@ def run_layout(job: dict, spec: dict, device: torch.device) -> dict:
     return {"layout": [dp, ep, tp], "overrides": job["overrides"], "sequence_parallel": job["sequence_parallel"],
             "activation_checkpointing": job["activation_checkpointing"],
             "parallel": {k: getattr(cfg.parallel, k) for k in ("overlap_grad_reduce", "bucket_mb", "ep_overlap_chunks")},
-            "build_s": round(build_s, 2), "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],
+            "cuda_graph": graphed, "build_s": round(build_s, 2), "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],
             "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS,
             "peak_gib": peak and _world_max(peak, device), "build_peak_gib": build_peak and _world_max(build_peak, device),
             "losses": rows, "loss_columns": ["loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"],
@@ -267,7 +270,7 @@ def build_jobs(args, configs: dict) -> tuple[list[dict], dict]:
         overrides = [*overrides, *device, *args.set]
         cfg = load_config(preset, overrides)
         rows = planner_rows(cfg, args.gpus)
-        by_world = {args.gpus: rows}
+        by_world = {(args.gpus, False): rows}
         planner[name] = {"gpus": args.gpus, "gpus_per_node": GPUS_PER_NODE, "gpu": "h200",
                          "top_layouts": top_layouts(rows, max(args.planner_top, 5)), "top_rows": rows[:10]}
         layouts = list(dict.fromkeys([*([] if args.no_single else [(1, 1, 1)]), *args.layouts,
@@ -276,12 +279,15 @@ def build_jobs(args, configs: dict) -> tuple[list[dict], dict]:
             if layout[0] * layout[1] * layout[2] > args.gpus:
                 raise SystemExit(f"--layouts: {label(layout)} needs {layout[0] * layout[1] * layout[2]} GPUs; --gpus={args.gpus}")
             world = layout[0] * layout[1] * layout[2]
-            if world not in by_world:
-                by_world[world] = planner_rows(cfg, world)
-            pred = prediction_for(by_world[world], layout)
+            # --graph-meshes: the step as one CUDA graph where a mesh can capture it (ep=1), op by op elsewhere
+            graph = args.graph_meshes and world > 1 and layout[1] == 1
+            job_overrides = [*overrides, "train.cuda_graph=on"] if graph else overrides
+            if (world, graph) not in by_world:
+                by_world[world, graph] = planner_rows(load_config(preset, job_overrides), world)
+            pred = prediction_for(by_world[world, graph], layout)
             if pred is None:
                 raise SystemExit(f"{name}: {label(layout)} is not a valid layout for this config (config rules)")
-            jobs.append({"key": f"{name}/{label(layout)}", "config": name, "preset": preset, "overrides": overrides,
+            jobs.append({"key": f"{name}/{label(layout)}", "config": name, "preset": preset, "overrides": job_overrides,
                          "layout": list(layout), "sequence_parallel": pred["sequence_parallel"],
                          "activation_checkpointing": pred["activation_checkpointing"], "prediction": pred})
     return jobs, planner
@@ -397,6 +403,9 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=420.0, help="start no launch after this many seconds")
     parser.add_argument("--timeout-s", type=float, default=240.0, help="a collective waiting longer fails the launch")
     parser.add_argument("--cpu-dry-run", action="store_true", help="gloo ranks on the CPU, tiny configs, fp32")
+    parser.add_argument("--graph-meshes", action="store_true",
+                        help="train.cuda_graph=on at multi-GPU layouts without expert parallelism ('auto' leaves "
+                             "a mesh's step op by op for now: train/cuda_graph.py MESH_AUTO)")
     parser.add_argument("--launch-per-job", action="store_true",
                         help="a fresh launch for every (config, layout), as `moemesh train` runs one (the "
                              "planner's multi-GPU measurements: bench/mesh_sweep.sh)")

@@ -2,12 +2,15 @@
 # The planner's multi-GPU measurements (issue 9): every layout of N GPUs, each in a fresh launch
 # (bench/mesh_runs.py --launch-per-job), for one set of configs, into $OUT/<set>-x<N>/<config>/.
 #   NCCL_NVLS_ENABLE=0 PYTHONPATH=src bash bench/mesh_sweep.sh SET N [ONLY]
-# SET: skeleton     the `gpu` preset with tiny dims, 2 and 8 layers: a step that is host time only
+# SET: skeleton     the `gpu` preset with tiny dims, 2 and 8 layers, launched op by op (train.cuda_graph=off):
+#                   a step that is host time only, which calibrates the host of a step that is not one CUDA graph
 #      calibration  session 4's three configs and its three held-out ones (now seen)
 #                   (session 5's 4-GPU calibration was `heldout 4 'e64-k8|d4096'`: bench/results/mesh_calibration_x4.json)
 #      heldout      configs never measured before (session 5), run at 2 GPUs and two of them at 4
 #      heldout4     two more configs never measured before, for 4 GPUs (session 5, after the fit on the rest)
 # ONLY: a regular expression; only the configs whose label matches it run.
+# Every set but the skeleton replays the step as one CUDA graph where the layout can (ep=1: --graph-meshes),
+# as session 6's graphed files did; the skeleton stays op by op (it measures the host).
 # bench/mesh_report.py compares them with the planner; `moemesh plan --calibrate` fits on them.
 set -u -o pipefail
 FAILED=0
@@ -25,18 +28,20 @@ run() {
   local sets=()
   for kv in "$@"; do sets+=(--set "$kv"); done
   python3 "$(dirname "$0")/mesh_runs.py" --gpus "$N" --layouts "$LAYOUTS" --configs "$config" --launch-per-job \
-    --no-single --no-a2a --steps 10 --warmup 3 --profile-steps 0 --deadline-s 560 --timeout-s 120 \
+    --no-single --no-a2a --steps 10 --warmup 3 --profile-steps 0 --deadline-s 560 --timeout-s 120 $GRAPH \
     --out "$OUT/$SET-x$N/$label" "${sets[@]}" 2>&1 | grep "^\[mesh_runs\]\|Error\|error" | cut -c1-200
   local status=$?  # mesh_runs.py's exit status (1 when a run failed), through the filter
   [ "$status" -eq 0 ] || { echo "mesh_sweep: $label failed (exit $status)"; FAILED=1; }
 }
 SKELETON=$(cd "$(dirname "$0")" && python3 -c "from host_probe import SKELETON; print(' '.join(SKELETON))") || exit 1
+GRAPH=--graph-meshes
+[ "$SET" = skeleton ] && GRAPH=
 case $SET in
   skeleton)
     # shellcheck disable=SC2086
-    run skeleton-L2 gpu-preset $SKELETON model.n_layers=2
+    run skeleton-L2 gpu-preset $SKELETON model.n_layers=2 train.cuda_graph=off
     # shellcheck disable=SC2086
-    run skeleton-L8 gpu-preset $SKELETON model.n_layers=8 ;;
+    run skeleton-L8 gpu-preset $SKELETON model.n_layers=8 train.cuda_graph=off ;;
   calibration)
     run gpu-preset gpu-preset
     run mixtral-shaped mixtral-shaped

@@ -161,7 +161,7 @@ def child(args) -> None:
     with trainer_kept_open() as kept:
         out = timed_train(cfg, args.warmup)
         del out["losses"]
-        out["cuda_graph"] = kept[-1].graph is not None if kept else None
+        out["cuda_graph"] = kept[-1].captured if kept else None
         started = time.perf_counter()
         try:
             out["profile"] = profile_classes(cfg, kept)

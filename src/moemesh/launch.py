@@ -14,6 +14,7 @@ ranks go to `run_dir/logs/rank{N}.txt`, on stderr too only with `run.debug=true`
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -397,6 +398,9 @@ def finish(code: int, exit_process: bool) -> int:
     sys.stderr.flush()
     if code == 0 and dist.is_initialized():
         dist.barrier()
+        # A CUDA graph that captured NCCL collectives and still lives (a trainer left in a reference cycle)
+        # would hang the communicators' teardown (train/cuda_graph.py:CapturedStep.close): collect it first.
+        gc.collect()
         dist.destroy_process_group()
     if exit_process or code != 0:
         os._exit(code)

@@ -88,6 +88,7 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     final = gather_full_state(trainer.model, trainer.layout, mesh)
     extra_roundtrip = _shard_roundtrip_ok(trainer, final, mesh)
     loads = [moe.expert_load()[0].tolist() for moe in trainer.model.moe_layers()]
+    graphed = trainer.captured  # the steps after the warm-up were replays of one CUDA graph
     sync = trainer.grad_sync
     overlap = {"overlap": sync.overlap, "buckets": len(sync.buckets) if sync.overlap else 0,
                "launched_in_backward": sync.launched_in_backward,
@@ -97,7 +98,7 @@ def _run(case: Case, mesh: Mesh | None, layout, device: torch.device) -> tuple[l
     gc.collect()
     overlap["freed"] = model_ref() is None
     return losses, final, {"dropped": dropped, "load": loads, "initial": initial, "roundtrip": extra_roundtrip,
-                           "grad_overlap": overlap}
+                           "grad_overlap": overlap, "graphed": graphed}
 
 
 def _shard_roundtrip_ok(trainer: Trainer, full: dict, mesh: Mesh | None) -> bool:
@@ -106,7 +107,8 @@ def _shard_roundtrip_ok(trainer: Trainer, full: dict, mesh: Mesh | None) -> bool
     ok = all(torch.equal(local[name], p.detach()) for name, p in trainer.model.named_parameters())
     if mesh is None:
         return ok
-    return bool(mesh.comm("world").all_reduce(torch.tensor([0 if ok else 1])).item() == 0)
+    flag = torch.tensor([0 if ok else 1], device=mesh.trace.device)  # NCCL reduces CUDA tensors only
+    return bool(mesh.comm("world").all_reduce(flag).item() == 0)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -133,7 +135,8 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
         return {**result, "mismatch": str(exc)}
     if rank != 0:
         return result
-    result = {**result, "losses": losses, "state_sha": _digest(state), "grad_overlap": extra["grad_overlap"]}
+    result = {**result, "losses": losses, "state_sha": _digest(state), "grad_overlap": extra["grad_overlap"],
+              "graphed": extra["graphed"]}
     if not case.reference:
         return result
     ref_losses, ref_state, ref_extra = _run(case, None, (1, 1, 1), device)
@@ -154,7 +157,8 @@ def compare_case(case: Case, rank: int, device: torch.device) -> dict:
             "param_rel_err": param_errs[worst], "worst_param": worst, "param_errs": param_errs,
             "update_rel_err": update_errs[worst_update], "worst_update_param": worst_update,
             "names_match": sorted(state) == sorted(ref_state), "shard_roundtrip": extra["roundtrip"],
-            "dropped": extra["dropped"], "ref_dropped": ref_extra["dropped"], "load": extra["load"]}
+            "dropped": extra["dropped"], "ref_dropped": ref_extra["dropped"], "load": extra["load"],
+            "ref_graphed": ref_extra["graphed"]}
 
 
 def run_cases(cases: list[Case], out_path: str, device_type: str = "cpu") -> int:

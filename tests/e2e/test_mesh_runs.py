@@ -78,3 +78,24 @@ def test_host_probe_dry_run(tmp_path: Path):
     for run in runs.values():
         assert 0 < run["host_ms"] <= run["step_ms"] * 1.001 and run["n_layers"] == 2
         assert "function calls" in run["profile"] and "tottime" in run["profile"]
+
+
+def test_graph_meshes_asks_for_a_graph_where_a_mesh_can_capture_one(tmp_path: Path):
+    """--graph-meshes (bench/mesh_sweep.sh's non-skeleton sets): train.cuda_graph=on at the multi-GPU layouts
+    without expert parallelism, and the planner's prediction for each job as it will run (a graph there)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+    def planned(*extra: str) -> dict[str, float]:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mesh_runs.py"), "--plan-only", "--gpus", "2",
+                               "--layouts", "2,1,1;1,2,1;1,1,2", "--configs", "gpu-preset", *extra],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {line.split()[0]: float(line.split("predicted ")[1].split(" ms")[0])
+                for line in proc.stdout.splitlines() if " predicted " in line}
+
+    eager, graphs = planned(), planned("--graph-meshes")
+    assert set(eager) == set(graphs) == {"gpu-preset/1x1x1", "gpu-preset/2x1x1", "gpu-preset/1x2x1", "gpu-preset/1x1x2"}
+    assert graphs["gpu-preset/1x2x1"] == eager["gpu-preset/1x2x1"]  # expert parallelism: op by op either way
+    assert graphs["gpu-preset/1x1x1"] == eager["gpu-preset/1x1x1"]  # one GPU: a graph either way
+    for layout in ("2x1x1", "1x1x2"):  # no host term: faster
+        assert graphs[f"gpu-preset/{layout}"] < 0.8 * eager[f"gpu-preset/{layout}"]

@@ -84,10 +84,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path):
 
 
 def test_a_host_bound_winner_says_to_calibrate(tmp_path: Path):
-    """The `gpu` preset on 4 GPUs is host-bound at every layout: the explanation names that and the remedy;
-    on one GPU (a CUDA graph) it does not."""
+    """The `gpu` preset on 4 GPUs launched op by op (a mesh's default) is host-bound at every layout: the
+    explanation names that and the remedy; with its steps replayed as CUDA graphs where they can be
+    (`train.cuda_graph=on`), or on one GPU, it does not."""
     four = moemesh("plan", "gpu", "--gpus", "4", cwd=tmp_path)
     assert four.returncode == 0, four.stderr
     assert "largest term is host-bound idle" in four.stdout and "calibrate on yours (bench/mesh_sweep.sh" in four.stdout
+    graphed = moemesh("plan", "gpu", "--gpus", "4", "--set", "train.cuda_graph=on", cwd=tmp_path)
+    assert graphed.returncode == 0 and "calibrate on yours" not in graphed.stdout
+    assert "largest term is host-bound idle" not in graphed.stdout
     one = moemesh("plan", "gpu", "--gpus", "1", cwd=tmp_path)
     assert one.returncode == 0 and "calibrate on yours" not in one.stdout

@@ -15,7 +15,7 @@ from moemesh.config import load_config
 from moemesh.errors import ConfigError, UserError
 from moemesh.parallel.layout import build_layout
 from moemesh.plan.cost import (GPUS, H200_CONSTANTS, LOWER, MESH, PARAMS, TERMS, TRAIN_E2E_CONFIGS, Constants,
-                               compute_terms, fit, nnls, run_features)
+                               compute_terms, fit, fit_mesh, load_mesh_runs, nnls, run_features)
 from moemesh.plan.kernels import CLASSES
 from moemesh.plan.memory import CountsByLayout, meta_model, param_counts
 from moemesh.plan.search import enumerate_plans, rank
@@ -54,14 +54,16 @@ def test_ranking_prefers_fewer_collectives_on_one_node():
 PREVIOUS = [ROOT / "bench" / "results" / "plan_validate.json", ROOT / "bench" / "results" / "plan_validate_v2.json"]
 PREVIOUS_REPORT = ROOT / "bench" / "results" / "plan_report_v2.json"  # the previous model on plan_validate_v2.json
 V3 = [ROOT / "bench" / "results" / "plan_validate_v3.json", ROOT / "bench" / "results" / "plan_validate_v3_rest.json"]
-MESH_FILES = [ROOT / "bench" / "results" / f"mesh_{name}.json" for name in ("skeleton_x2", "calibration_x2", "calibration_x4")]
+MESH_FILES = [ROOT / "bench" / "results" / f"mesh_{name}.json"
+              for name in ("skeleton_x2", "calibration_x2", "calibration_x4", "calibration_x2_graph")]
 CURRENT = [*V3, ROOT / "bench" / "results" / "plan_validate_v4.json", *MESH_FILES]
 # Plausible constants inside the bounds (the fit test's truth): 70 % of peak for large dense GEMMs, ...
 TRUTH = Constants(gemm_a=1.4, gemm_b=0.3, grouped_a=1.6, grouped_b=0.8, grouped_us=4.0, attn_a=1.8, attn_b=0.6,
                   elem_layer=30.0, elem_moe=12.0, elem_ffn=6.0, elem_vocab=3.0, elem_us=400.0, head_bytes=9.0,
                   opt_bytes=36.0, opt_us=5.0, idle_layer_ms=0.4, idle_step_ms=2.0, graph_idle_layer_ms=0.05,
                   graph_idle_step_ms=1.0, mesh_host_layer_ms=6.0, mesh_host_step_ms=10.0, mesh_host_tp_layer_ms=3.0,
-                  mesh_host_ep_moe_ms=2.5, mesh_host_sync_layer_ms=1.5, mesh_overlap_p=1.6)
+                  mesh_host_ep_moe_ms=2.5, mesh_host_sync_layer_ms=1.5, mesh_overlap_p=1.6,
+                  tp_comm=H200_CONSTANTS.tp_comm)  # (a fit without graphed TP runs keeps the shipped tp_comm)
 
 
 def bench(name: str):
@@ -121,7 +123,7 @@ def test_shipped_constants_keep_gemms_below_the_measured_peak():
 
 def test_every_constant_has_a_term_and_a_bound():
     fields = [f for f in Constants.__dataclass_fields__ if f != "source"]
-    assert list(PARAMS) == fields and {t for t, _ in PARAMS.values()} == {*TERMS, "mesh"}
+    assert list(PARAMS) == fields and {t for t, _ in PARAMS.values()} == {*TERMS, "mesh", "tp"}
     assert set(TERMS) == {*CLASSES, "idle"} and {n for n, (t, _) in PARAMS.items() if t == "mesh"} == set(MESH)
     for name in fields:  # a docstring line per constant
         assert f"\n    {name} " in Constants.__doc__, name
@@ -152,18 +154,20 @@ def test_fit_recovers_known_constants(tmp_path: Path):
 
 
 def write_mesh_measurements(path: Path, layouts: list[tuple[int, int, int]], configs: dict[str, list[str]],
-                            constants: Constants) -> None:
-    """A bench/mesh_runs.py file whose runs take exactly what `constants` predict at their layouts."""
+                            constants: Constants, graphed: bool = False, scale: float = 1.0) -> None:
+    """A bench/mesh_runs.py file whose runs take exactly what `constants` predict at their layouts (times
+    `scale`), launched op by op or (`graphed`) replayed as one CUDA graph."""
     from moemesh.plan.cost import MeshRun, mesh_run_terms
 
     runs = {}
     for name, overrides in configs.items():
         for layout in layouts:
-            run = MeshRun(name, overrides, layout, False, "none", 1.0, None)
+            run = MeshRun(name, overrides, layout, False, "none", 1.0, None, graphed=graphed)
             terms, _ = mesh_run_terms(run, constants, GPUS["h200"])
             runs[f"{name}/{'x'.join(map(str, layout))}"] = {
                 "layout": list(layout), "overrides": overrides, "sequence_parallel": False,
-                "activation_checkpointing": "none", "step_ms": sum(terms.values()) * 1e3, "peak_gib": 10.0}
+                "activation_checkpointing": "none", "cuda_graph": graphed,
+                "step_ms": sum(terms.values()) * 1e3 * scale, "peak_gib": 10.0}
     path.write_text(json.dumps({"gpu": "synthetic", "launches": [], "runs": runs}))
 
 
@@ -183,6 +187,67 @@ def test_the_mesh_fit_recovers_known_host_constants_and_p(tmp_path: Path):
         assert getattr(fitted, name) == pytest.approx(getattr(TRUTH, name), rel=1e-3), name
     assert fitted.graph_idle_step_ms == H200_CONSTANTS.graph_idle_step_ms  # no graph run: the shipped pair
     assert "mesh.json" in fitted.source
+
+
+def test_the_mesh_fit_leaves_out_steps_replayed_as_cuda_graphs(tmp_path: Path):
+    """A graphed mesh step has no host term: such runs, even far off the model, change nothing of the fit
+    of the host constants; a file of graphed runs alone has nothing to fit them on (one line)."""
+    skeleton = bench("host_probe").SKELETON
+    configs = {"gpu": [], "skeleton-L2": [*skeleton, "model.n_layers=2"], "skeleton-L8": skeleton}
+    layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
+    write_mesh_measurements(tmp_path / "eager.json", layouts, configs, TRUTH)
+    write_mesh_measurements(tmp_path / "graphs.json", [(2, 1, 1), (1, 1, 2)], configs, TRUTH, graphed=True, scale=3.0)
+    alone = fit_mesh(load_mesh_runs(tmp_path / "eager.json"), TRUTH, GPUS["h200"])
+    both = fit_mesh(load_mesh_runs(tmp_path / "eager.json") + load_mesh_runs(tmp_path / "graphs.json"), TRUTH,
+                    GPUS["h200"])
+    assert all(r.graphed for r in load_mesh_runs(tmp_path / "graphs.json"))
+    for name in MESH:
+        assert getattr(both, name) == getattr(alone, name), name
+    with pytest.raises(UserError, match="no multi-GPU run launched op by op"):
+        fit_mesh(load_mesh_runs(tmp_path / "graphs.json"), TRUTH, GPUS["h200"])
+
+
+def test_tp_collectives_are_fitted_to_graphed_runs_and_the_host_to_op_by_op_ones(tmp_path: Path):
+    """Steps replayed as CUDA graphs at tp > 1 give TP's collectives' constant (their time is the device's);
+    the runs launched op by op then give the host's constants and p, at that TP time. Graphed runs alone
+    fit TP and keep the host's; graphed runs without TP have nothing to fit."""
+    import dataclasses
+
+    pv, skeleton = bench("plan_validate"), bench("host_probe").SKELETON
+    # (the single-GPU file has no graphed run, so the fit keeps the shipped graph idle pair: so does the truth)
+    truth = dataclasses.replace(TRUTH, tp_comm=1.7, graph_idle_layer_ms=H200_CONSTANTS.graph_idle_layer_ms,
+                                graph_idle_step_ms=H200_CONSTANTS.graph_idle_step_ms)
+    configs = {"gpu": [], "d2048": ["model.n_layers=4", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=4"],
+               "skeleton-L2": [*skeleton, "model.n_layers=2"], "skeleton-L8": skeleton}
+    write_measurements(tmp_path / "m.json",
+                       {label: ("calibration", o, truth, 1.0) for label, o in pv.CALIBRATION.items()})
+    write_mesh_measurements(tmp_path / "eager.json", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)],
+                            configs, truth)
+    write_mesh_measurements(tmp_path / "graphs.json", [(2, 1, 1), (1, 1, 2), (2, 1, 2)], configs, truth, graphed=True)
+    both = fit([tmp_path / "m.json", tmp_path / "eager.json", tmp_path / "graphs.json"])
+    assert both.tp_comm == pytest.approx(1.7, rel=1e-6)
+    for name in MESH:
+        assert getattr(both, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
+    alone = fit([tmp_path / "m.json", tmp_path / "graphs.json"])
+    assert alone.tp_comm == pytest.approx(1.7, rel=1e-6)
+    assert all(getattr(alone, name) == getattr(H200_CONSTANTS, name) for name in MESH)
+    write_mesh_measurements(tmp_path / "dp.json", [(2, 1, 1)], configs, truth, graphed=True)
+    with pytest.raises(UserError, match="dp.json: no multi-GPU run launched op by op, and none replayed as a CUDA "
+                                        "graph at tp > 1"):
+        fit([tmp_path / "m.json", tmp_path / "dp.json"])
+    fast = dataclasses.replace(truth, tp_comm=0.5)  # faster than the measured bandwidth: held at the bound
+    write_mesh_measurements(tmp_path / "fast.json", [(1, 1, 2)], configs, fast, graphed=True)
+    assert fit([tmp_path / "m.json", tmp_path / "fast.json"]).tp_comm == 1.0
+
+
+def test_runs_from_before_graphed_mesh_steps_read_as_they_ran(tmp_path: Path):
+    """Files without `cuda_graph` predate graphed mesh steps: their multi-GPU runs were launched op by op;
+    a single-GPU run's launch is not known (None: as the planner assumes)."""
+    runs = {l: {"layout": list(layout), "overrides": [], "sequence_parallel": False, "activation_checkpointing": "none",
+                "step_ms": 100.0} for l, layout in (("a/2x1x1", (2, 1, 1)), ("a/1x1x1", (1, 1, 1)))}
+    (tmp_path / "old.json").write_text(json.dumps({"launches": [], "runs": runs}))
+    got = {r.label: r.graphed for r in load_mesh_runs(tmp_path / "old.json")}
+    assert got == {"a/2x1x1": False, "a/1x1x1": None}
 
 
 def test_fit_stops_at_the_bounds(tmp_path: Path):

@@ -125,6 +125,12 @@ def test_mesh_report_on_a_synthetic_file_and_bad_input(tmp_path: Path, capsys):
     assert s["runs"] == 6 and s["step_mae"] < 1e-9 and s["pairs_agreeing"] == s["pairs"] == 6
     assert s["fastest_right"] == s["configs"] == 2
     assert s["pairs_apart"] == s["pairs_apart_agreeing"] == 6  # no per-step times: every pair counts
+    assert list(rep["summary_by_launch"]) == ["op_by_op"] and rep["summary_by_launch"]["op_by_op"]["runs"] == 6
+    # steps replayed as CUDA graphs (the default at ep=1) are predicted as graphs, op-by-op ones as they ran
+    write_mesh_measurements(tmp_path / "graphs.json", [(2, 1, 1), (1, 1, 2)], configs, H200_CONSTANTS, graphed=True)
+    both = mesh_report.report([tmp_path / "mesh.json", tmp_path / "graphs.json"])["summary_by_launch"]
+    assert both["cuda_graph"]["runs"] == 4 and both["cuda_graph"]["step_mae"] < 1e-9
+    assert both["op_by_op"]["runs"] == 6 and both["op_by_op"]["step_mae"] < 1e-9
     assert mesh_report.main([str(ROOT / "bench" / "results" / "plan_validate_v4.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not bench/mesh_runs.py's output" in err

@@ -2,8 +2,9 @@
 
     t_step = t_device + t_idle,  t_device = t_gemm + t_grouped_gemm + t_attention + t_elementwise + t_head
                                              + t_optimizer + t_tp + t_ep + t_dp
-    On one GPU t_idle is the gaps between the step's kernels (below). On a mesh the step is launched op by
-    op and its host is as slow as its device: t_device + t_idle = (t_device^p + t_host^p)^(1/p), a soft
+    On one GPU, and on a mesh that replays its step as one CUDA graph (train.cuda_graph=on, ep=1), t_idle is
+    the gaps between the step's kernels (below). On a mesh launched op by op the host is as slow as the
+    device: t_device + t_idle = (t_device^p + t_host^p)^(1/p), a soft
     maximum of the device's time and the host's (p = mesh_overlap_p: 1 when they add up, large when each
     hides the other), t_host per layer and per step (`mesh_host_time`). The collectives are counted in full:
     the gradient all-reduce overlaps the backward pass (parallel.overlap_grad_reduce), but fits that scale
@@ -35,7 +36,9 @@ of the measured step time; the symbols are the constants' names (`Constants` say
                  and for a step replayed as one CUDA graph (graph_idle_layer_ms, graph_idle_step_ms: the
                  gaps between the graph's kernels, the logged steps' syncs); fitted to measured step time
                  minus the summed kernel time, of runs launched the same way. A single-GPU step is one graph
-                 (train.cuda_graph, train/cuda_graph.py). A mesh: the soft maximum above minus t_device,
+                 (train.cuda_graph, train/cuda_graph.py), and so is a mesh's without expert parallelism,
+                 whose collectives run inside it: the graph's constants again. A mesh launched op by op
+                 (ep > 1, or the graph turned off): the soft maximum above minus t_device,
                  with t_host = mesh_host_step_ms + per layer pass mesh_host_layer_ms, + mesh_host_tp_layer_ms
                  when tp > 1, + mesh_host_sync_layer_ms when dp*ep > 1 (the gradient buckets' hooks), and
                  mesh_host_ep_moe_ms per MoE layer pass when ep > 1 (the split sizes' syncs); fitted with p
@@ -43,7 +46,7 @@ of the measured step time; the symbols are the constants' names (`Constants` say
                  with tiny dims among them, whose step is host time alone)
   t_tp           per layer 2 all-reduces forward + 2 backward of T*D bf16 (attention, FFN), 2 more at the
                  embedding and head; ring time 2(n-1)/n * bytes / bus bandwidth (+ latency) on NVLink when
-                 tp <= GPUs per node, else on the inter-node link
+                 tp <= GPUs per node, else on the inter-node link; times tp_comm (fitted on 2 H200s)
   t_ep           per MoE layer 4 token all-to-alls (dispatch and combine, forward and backward) of
                  K*T*D bf16 * imbalance, (n-1)/n of it leaves the rank; plus the count exchange's latency
                  and host sync
@@ -75,6 +78,7 @@ TERMS = (*KERNEL_CLASSES, "idle")  # the compute terms: one per kernel class, an
 MESH_HOST = ("mesh_host_layer_ms", "mesh_host_step_ms", "mesh_host_tp_layer_ms", "mesh_host_ep_moe_ms",
              "mesh_host_sync_layer_ms")  # the host time of a step on a mesh: `mesh_host_time`
 MESH = (*MESH_HOST, "mesh_overlap_p")  # the constants `fit_mesh` fits
+MESH_DEVICE = ("tp_comm",)  # the constant `fit_tp` fits
 AGAIN = 1 / 3  # a recomputed forward, as a share of forward + backward
 
 
@@ -141,6 +145,9 @@ class Constants:
     mesh_host_sync_layer_ms  more per layer pass when gradients are synced over data x expert (their hooks) [0]
     mesh_overlap_p           how a mesh step's host and device time combine, (device^p + host^p)^(1/p): 1 adds
                              them, large p takes the larger [1]
+    tp_comm       TP's collectives in a training step, per their time at the NCCL bandwidth table's bus
+                  bandwidth [1: at most that bandwidth]; fitted to steps replayed as one CUDA graph at tp > 1,
+                  whose time is the device's alone (`fit_tp`)
     """
     gemm_a: float
     gemm_b: float
@@ -167,6 +174,7 @@ class Constants:
     mesh_host_ep_moe_ms: float
     mesh_host_sync_layer_ms: float
     mesh_overlap_p: float
+    tp_comm: float = 1.0
     source: str = ""
 
     def gemm_efficiency(self, n: float) -> float:
@@ -189,7 +197,7 @@ PARAMS = {"gemm_a": ("gemm", 1.0), "gemm_b": ("gemm", 0.0),
           "opt_bytes": ("optimizer", 30.0), "opt_us": ("optimizer", 0.0),
           "idle_layer_ms": ("idle", 0.0), "idle_step_ms": ("idle", 0.0),
           "graph_idle_layer_ms": ("idle", 0.0), "graph_idle_step_ms": ("idle", 0.0),
-          **{name: ("mesh", 0.0) for name in MESH_HOST}, "mesh_overlap_p": ("mesh", 1.0)}
+          **{name: ("mesh", 0.0) for name in MESH_HOST}, "mesh_overlap_p": ("mesh", 1.0), "tp_comm": ("tp", 1.0)}
 # The idle constants of each launch mode of a single GPU: a step launched op by op, or replayed as one CUDA
 # graph (a step on a mesh has host constants instead: MESH)
 IDLE_MODES = {"eager": ("idle_layer_ms", "idle_step_ms"), "graph": ("graph_idle_layer_ms", "graph_idle_step_ms")}
@@ -202,18 +210,21 @@ LOWER = {name: lower for name, (_, lower) in PARAMS.items()}
 # way. The 13 held-out configs of v4 are not used (nor v3's held-out runs, whose configs v4 re-measured).
 # The op-by-op idle constants absorb host-bound gaps and, at 4096-8192-token sequences, the synthetic batch
 # thread of that time (since made ~16x faster for small batches); they apply to `train.cuda_graph=off` only.
-# The mesh's host constants and p are fitted (`fit_mesh`) to the 36 multi-GPU runs of session 5, each in a
-# fresh launch (bench/mesh_sweep.sh): bench/results/mesh_skeleton_x2.json (the `gpu` preset with tiny dims,
+# The mesh's host constants and p are fitted (`fit_mesh`) to the 36 multi-GPU runs of session 5 and the 6
+# op-by-op runs of session 6 (below), each in a fresh launch (bench/mesh_sweep.sh):
+# bench/results/mesh_skeleton_x2.json (the `gpu` preset with tiny dims,
 # 2 and 8 layers: host time alone), mesh_calibration_x2.json (6 configs) at (2,1,1), (1,2,1), (1,1,2), and
 # mesh_calibration_x4.json (2 of the held-out set's configs at the six 4-GPU layouts: `mesh_sweep.sh
-# heldout 4 'e64-k8|d4096'`). The runs of mesh_heldout_x2.json and mesh_heldout_x4.json are not used.
+# heldout 4 'e64-k8|d4096'`). TP's collectives (tp_comm, `fit_tp`) are fitted to session 6's steps replayed
+# as CUDA graphs at (1,1,2) in mesh_calibration_x2_graph.json (the same 6 configs; its op-by-op runs at
+# (1,2,1) join the host fit). The runs of the mesh_heldout_* files are not used.
 # Regenerate with `moemesh plan gpu --gpus 1 --calibrate FILE [--calibrate FILE ...] --json`; a test keeps
 # these equal to the fit.
-H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_host_layer_ms=6.9654, mesh_host_step_ms=10.687, mesh_host_tp_layer_ms=3.3756, mesh_host_ep_moe_ms=2.448, mesh_host_sync_layer_ms=1.3745, mesh_overlap_p=1.3798,
+H200_CONSTANTS = Constants(gemm_a=1, gemm_b=0.1283, grouped_a=1.0946, grouped_b=0.098851, grouped_us=0.95245, attn_a=1.3641, attn_b=0.64988, elem_layer=60.255, elem_moe=12.105, elem_ffn=8.0481, elem_vocab=11.369, elem_us=482.58, head_bytes=7.7532, opt_bytes=32.093, opt_us=3.5059, idle_layer_ms=3.9489, idle_step_ms=1.8833, graph_idle_layer_ms=0.10297, graph_idle_step_ms=0.25703, mesh_host_layer_ms=6.5633, mesh_host_step_ms=10.849, mesh_host_tp_layer_ms=3.105, mesh_host_ep_moe_ms=2.1259, mesh_host_sync_layer_ms=2.046, mesh_overlap_p=1.4941, tp_comm=2.1746,
                            source="fitted to the calibration runs of bench/results/plan_validate_v3.json + "
                                   "plan_validate_v3_rest.json + plan_validate_v4.json (1 x H200); mesh host to "
                                   "mesh_skeleton_x2.json + mesh_calibration_x2.json + mesh_calibration_x4.json "
-                                  "(2 and 4 x H200)")
+                                  "+ mesh_calibration_x2_graph.json (2 and 4 x H200)")
 
 
 def _interp(table, size_mb: float) -> float:
@@ -304,13 +315,14 @@ def features(shape: Shape, dp: int, ep: int, tp: int, recompute: str, gpu: GPU, 
 
 def launch_features(s: Shape, dp: int, ep: int, tp: int, graphed: bool, recompute: str, layer_passes: float,
                     moe_passes: float) -> dict[str, float]:
-    """The launch mode's constants' features, the others' 0: one GPU's idle constants (graph or op by op),
-    or on a mesh (dp*ep*tp > 1) the host's. A recomputed forward counts as the device's AGAIN share of a
+    """The launch mode's constants' features, the others' 0: the idle constants of a step replayed as one
+    CUDA graph (one GPU or a mesh), of one GPU's step launched op by op, or of the host of a mesh's step
+    launched op by op (dp*ep*tp > 1). A recomputed forward counts as the device's AGAIN share of a
     layer pass where its launches run again: every op under "full", the MoE layer under "moe" (its
     all-to-alls and split syncs too), but TP's collectives only under "full" (they sit outside the
     recomputed function, as in `comm_terms`) and the gradient hooks never (once per backward)."""
     out = {name: 0.0 for names in IDLE_MODES.values() for name in names} | dict.fromkeys(MESH_HOST, 0.0)
-    if dp * ep * tp > 1:
+    if dp * ep * tp > 1 and not graphed:
         blocks = s.n_layers * (1 + (AGAIN if recompute == "full" else 0.0))
         out.update(mesh_host_layer_ms=layer_passes * 1e-3, mesh_host_step_ms=1e-3,
                    mesh_host_tp_layer_ms=blocks * 1e-3 if tp > 1 else 0.0,
@@ -381,12 +393,13 @@ def step_time(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int,
 
 def step_terms(shape: Shape, dp, ep, tp, recompute, gpu: GPU, gpus_per_node: int, imbalance: float,
                constants: Constants, graphed: bool = False) -> tuple[StepTime, dict[str, float]]:
-    """(the step's time by term, the features): on a mesh its idle term is what the host adds to the
-    device's time."""
+    """(the step's time by term, the features): on a mesh launched op by op its idle term is what the
+    host adds to the device's time."""
     f = features(shape, dp, ep, tp, recompute, gpu, imbalance, graphed)
     terms = compute_terms(f, constants)
     terms.update(comm_terms(shape, dp, ep, tp, recompute, gpu, gpus_per_node, imbalance))
-    if dp * ep * tp > 1:
+    terms["tp_allreduce"] *= constants.tp_comm
+    if dp * ep * tp > 1 and not graphed:
         device = sum(terms.values())
         terms["idle"] = soft_max(device, mesh_host_time(f, constants), constants.mesh_overlap_p) - device
     return StepTime(terms), f
@@ -533,7 +546,8 @@ def fit_runs(runs: list[Run], gpu: GPU, files: str = "") -> Constants:
         y = np.array([r.term_s(term) for r in runs]) / step
         lower = np.array([LOWER[n] for n in names])
         values.update(zip(names, (lower + nnls(a, y - a @ lower)).tolist()))
-    values.update({name: getattr(H200_CONSTANTS, name) for name in MESH})  # single-GPU runs: none on a mesh
+    # single-GPU runs: none on a mesh
+    values.update({name: getattr(H200_CONSTANTS, name) for name in (*MESH, *MESH_DEVICE)})
     for mode, names in IDLE_MODES.items():
         if not any(r.graphed == (mode == "graph") for r in runs):
             values.update({name: getattr(H200_CONSTANTS, name) for name in names})
@@ -569,8 +583,9 @@ def nnls(a, y):
 
 def fit(paths, gpu: GPU | None = None) -> Constants:
     """The constants fitted to the calibration runs of one or more benchmark JSON files: bench/plan_validate.py's
-    single-GPU runs fit every term (`fit_runs`), then bench/mesh_runs.py's multi-GPU runs, if any, the mesh's
-    host constants and p (`fit_mesh`)."""
+    single-GPU runs fit every term (`fit_runs`), then bench/mesh_runs.py's multi-GPU runs, if any: those
+    replayed as CUDA graphs at tp > 1 TP's collectives (`fit_tp`), those launched op by op the mesh's host
+    constants and p (`fit_mesh`)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     gpu = gpu or GPUS["h200"]
     mesh = [p for p in paths if is_mesh_runs(p)]
@@ -580,8 +595,16 @@ def fit(paths, gpu: GPU | None = None) -> Constants:
         runs = [r for p in single for r in load_runs(p) if r.set == "calibration"]
         constants = fit_runs(runs, gpu, " + ".join(str(p) for p in single))
     if mesh:
-        constants = fit_mesh([r for p in mesh for r in load_mesh_runs(p)], constants, gpu,
-                             " + ".join(str(p) for p in mesh))
+        runs, files = [r for p in mesh for r in load_mesh_runs(p)], " + ".join(str(p) for p in mesh)
+        multi = [r for r in runs if math.prod(r.layout) > 1]
+        graphed_tp = [r for r in multi if r.graphed and r.layout[2] > 1]
+        if not multi or not graphed_tp and all(r.graphed for r in multi):
+            raise UserError(f"plan: --calibrate {files}: no multi-GPU run launched op by op, and none replayed as "
+                            f"a CUDA graph at tp > 1: nothing to fit the mesh's constants on")
+        if graphed_tp:
+            constants = fit_tp(graphed_tp, constants, gpu, files)
+        if not all(r.graphed for r in multi):
+            constants = fit_mesh(runs, constants, gpu, files)
     return constants
 
 
@@ -597,6 +620,9 @@ class MeshRun:
     step_s: float  # measured: median step time, max over ranks
     memory_gib: float | None  # measured allocated peak, max over ranks
     steps_s: tuple[float, ...] = ()  # rank 0's timed steps after the warm-up ones (how much a step varies)
+    # Its steps were replayed as one CUDA graph: recorded since session 6. Before, no multi-GPU step was
+    # (False); a single-GPU run's is not known (None: as the planner assumes).
+    graphed: bool | None = False
 
 
 def is_mesh_runs(path: Path) -> bool:
@@ -622,9 +648,10 @@ def load_mesh_runs(path: Path) -> list[MeshRun]:
     for label, run in data["runs"].items():
         if not isinstance(run.get("step_ms"), (int, float)) or "overrides" not in run:
             continue
+        graphed = run.get("cuda_graph", False if math.prod(run["layout"]) > 1 else None)
         out.append(MeshRun(label, list(run["overrides"]), tuple(run["layout"]), bool(run["sequence_parallel"]),
                            run["activation_checkpointing"], run["step_ms"] / 1e3, run.get("peak_gib"),
-                           tuple(t / 1e3 for t in run.get("step_ms_all", [])[warmup:])))
+                           tuple(t / 1e3 for t in run.get("step_ms_all", [])[warmup:]), graphed))
     if not out:
         raise UserError(f"plan: --calibrate {path}: no measured run with its overrides in it (bench/mesh_runs.py "
                         f"records them since session 4)")
@@ -638,11 +665,35 @@ def mesh_run_terms(run: MeshRun, constants: Constants, gpu: GPU, gpus_per_node: 
     from moemesh.plan.memory import meta_model
     from moemesh.plan.search import IMBALANCE
 
+    from moemesh.train.cuda_graph import planned
+
     dp, ep, tp = run.layout
     cfg = load_config("gpu", run.overrides)
     shape = shape_of(cfg, build_layout(meta_model(cfg.model), dp, ep, tp, run.sequence_parallel))
-    t, f = step_terms(shape, dp, ep, tp, run.recompute, gpu, gpus_per_node, IMBALANCE, constants)
+    graphed = planned(cfg, run.layout, gpu.capability) if run.graphed is None else run.graphed
+    t, f = step_terms(shape, dp, ep, tp, run.recompute, gpu, gpus_per_node, IMBALANCE, constants, graphed)
     return t.terms, f
+
+
+def fit_tp(runs: list[MeshRun], constants: Constants, gpu: GPU, files: str = "") -> Constants:
+    """`tp_comm` fitted to multi-GPU steps replayed as one CUDA graph at tp > 1 (their time is the device's:
+    no host term), every other constant as given: least squares of the relative step-time errors, which is
+    linear in tp_comm (closed form), at least its lower bound."""
+    runs = [r for r in runs if r.graphed and r.layout[2] > 1 and math.prod(r.layout) > 1]
+    if not runs:
+        raise UserError(f"plan: --calibrate {files or 'runs'}: no run replayed as a CUDA graph at tp > 1 to fit "
+                        f"TP's collectives on")
+    unit = dataclasses.replace(constants, tp_comm=1.0)
+    num = den = 0.0
+    for run in runs:
+        terms, _ = mesh_run_terms(run, unit, gpu)
+        t_tp, rest = terms["tp_allreduce"], sum(terms.values()) - terms["tp_allreduce"]
+        num += t_tp * (run.step_s - rest) / run.step_s ** 2
+        den += t_tp ** 2 / run.step_s ** 2
+    value = max(num / den, LOWER["tp_comm"]) if den > 0 else constants.tp_comm
+    source = (f"{constants.source}; TP's collectives fitted to the graphed tp > 1 runs of {files}" if files
+              else constants.source)
+    return dataclasses.replace(constants, tp_comm=value, source=source)
 
 
 # p tried by `fit_mesh` before it narrows down on the best: 1 (host and device add up) to 8 (nearly the larger)
@@ -653,18 +704,20 @@ P_SPREAD = 0.10
 
 
 def fit_mesh(runs: list[MeshRun], constants: Constants, gpu: GPU, files: str = "") -> Constants:
-    """The mesh's host constants and p (`MESH`) fitted to the multi-GPU runs' measured step times, every
-    other term as given: for each p, bounded nonlinear least squares of the relative step-time errors
+    """The mesh's host constants and p (`MESH`) fitted to the measured step times of the multi-GPU runs
+    launched op by op (a replayed CUDA graph's step has no host term), every other term as given: for each
+    p, bounded nonlinear least squares of the relative step-time errors
     (`_fit_host`); p by a grid (P_GRID), then golden-section search around the grid's best, or as given
     when the runs cannot tell p (P_SPREAD)."""
     import numpy as np
 
     rows = []
-    for run in (r for r in runs if math.prod(r.layout) > 1):
+    for run in (r for r in runs if math.prod(r.layout) > 1 and not r.graphed):
         terms, f = mesh_run_terms(run, constants, gpu)
         rows.append((sum(v for k, v in terms.items() if k != "idle"), [f[n] for n in MESH_HOST], run.step_s))
     if not rows:
-        raise UserError(f"plan: --calibrate {files or 'runs'}: no multi-GPU run to fit the mesh's host time on")
+        raise UserError(f"plan: --calibrate {files or 'runs'}: no multi-GPU run launched op by op (not a CUDA "
+                        f"graph) to fit the mesh's host time on")
     device = np.array([r[0] for r in rows])
     feats = np.array([r[1] for r in rows])
     step = np.array([r[2] for r in rows])

@@ -36,6 +36,7 @@ class Candidate:
     overhead: int  # CUDA context and allocator slack, beside `memory`
     terms: dict[str, float]
     fits: bool
+    graphed: bool = False  # its step is replayed as one CUDA graph (train/cuda_graph.py)
 
     @property
     def step_s(self) -> float:
@@ -82,7 +83,6 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
     by_sp: dict[bool, CountsByLayout] = {}
     modes = {mode: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
              for mode in ("none", "moe", "full")}
-    graphed = cuda_graph.planned(cfg, gpus, gpu.capability)  # one CUDA graph per step: a single GPU only
     out = []
     for dp, ep, tp in factorisations(gpus):
         for sp in ((False, True) if tp > 1 else (False,)):
@@ -91,6 +91,7 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
             if sp not in by_sp:
                 by_sp[sp] = CountsByLayout(model, sp)
             counts, layout = by_sp[sp](ep, tp), by_sp[sp].layout(dp, ep, tp)
+            graphed = cuda_graph.planned(cfg, (dp, ep, tp), gpu.capability)  # one CUDA graph per step
             shape = shape_of(cfg, layout, counts)
             for mode, c in modes.items():
                 mem = estimate_layout(c, "cuda", layout, imbalance, counts)
@@ -98,7 +99,7 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
                 build = 0 if sharded_init else mem.full_model + mem.overhead
                 need = max(mem.device, build)
                 out.append(Candidate(dp, ep, tp, sp, mode, mem.allocated, build, mem.overhead, t.terms,
-                                     need <= HEADROOM * gpu.memory_gib * GIB))
+                                     need <= HEADROOM * gpu.memory_gib * GIB, graphed))
     return out
 
 
@@ -106,24 +107,28 @@ def rank(cands: list[Candidate]) -> list[Candidate]:
     return sorted((c for c in cands if c.fits), key=lambda c: (c.step_s, c.memory))
 
 
-# How `explain` names a term where its key alone says too little
-TERM_WORDS = {"idle": "host-bound idle"}  # the GPUs waiting for the host to launch the kernels
+def term_words(c: Candidate, term: str) -> str:
+    """How `explain` names a term where its key alone says too little: the GPUs' idle time is the host's
+    launching when the step runs op by op, the gaps between a replayed CUDA graph's kernels otherwise."""
+    if term != "idle":
+        return term
+    return "idle between the CUDA graph's kernels" if c.graphed else "host-bound idle"
 
 
 def explain(best: Candidate, ranked: list[Candidate]) -> str:
     why = [f"(dp={best.dp}, ep={best.ep}, tp={best.tp}{', SP' if best.sequence_parallel else ''}, "
            f"recompute={best.recompute}) is fastest at {best.step_s * 1e3:.1f} ms a step; its largest term is "
-           f"{TERM_WORDS.get(best.bottleneck, best.bottleneck)} ({best.terms[best.bottleneck] / best.step_s:.0%})."]
+           f"{term_words(best, best.bottleneck)} ({best.terms[best.bottleneck] / best.step_s:.0%})."]
     others = [c for c in ranked[1:] if (c.dp, c.ep, c.tp) != (best.dp, best.ep, best.tp)]
     if others:
         o = others[0]
         diff = {k: o.terms[k] - best.terms[k] for k in best.terms}
         worst = max(diff, key=diff.get)
         why.append(f"The best other layout (dp={o.dp}, ep={o.ep}, tp={o.tp}) takes {o.step_s * 1e3:.1f} ms, mostly "
-                   f"because of {TERM_WORDS.get(worst, worst)} (+{diff[worst] * 1e3:.1f} ms).")
+                   f"because of {term_words(o, worst)} (+{diff[worst] * 1e3:.1f} ms).")
     if best.recompute != "none":
         why.append("Activation checkpointing is needed to fit in memory at this layout.")
-    if best.bottleneck == "idle" and best.dp * best.ep * best.tp > 1:
+    if best.bottleneck == "idle" and best.dp * best.ep * best.tp > 1 and not best.graphed:
         why.append("A host-bound step's time varies between machines: calibrate on yours (bench/mesh_sweep.sh, "
                    "docs/planner.md).")
     return " ".join(why)
@@ -163,7 +168,7 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
                           "evaluated": len(cands), "feasible": len(ranked), "plan_s": elapsed,
                           "explanation": explain(ranked[0], ranked),
                           "plans": [{"dp": c.dp, "ep": c.ep, "tp": c.tp, "sequence_parallel": c.sequence_parallel,
-                                     "activation_checkpointing": c.recompute, "step_s": c.step_s,
+                                     "activation_checkpointing": c.recompute, "cuda_graph": c.graphed, "step_s": c.step_s,
                                      "tokens_per_s": tokens / c.step_s, "memory_gib": c.memory / GIB,
                                      "device_gib": c.need / GIB, "build_gib": c.build / GIB, "bottleneck": c.bottleneck, "terms_s": c.terms}
                                     for c in ranked[:top]]}, indent=1))

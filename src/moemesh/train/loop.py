@@ -60,8 +60,10 @@ def uses_fused_master(cfg: Config, device: torch.device) -> bool:
 def preflight(cfg: Config, check_ids: bool = True) -> TokenSource:
     """Everything that can fail on user input, checked before any file is written or process started."""
     device = resolve_device(cfg)
-    ranks = cfg.parallel.world_size if cfg.parallel.world_size > 1 else None  # one process runs without a mesh
-    cuda_graph.wanted(cfg, device, ranks, uses_fused_master(cfg, device))  # 'on' where it cannot: one line, exit 2
+    par = cfg.parallel
+    layout = (par.dp, par.ep, par.tp) if par.world_size > 1 else None  # one process runs without a mesh
+    # 'on' where it cannot: one line, exit 2 (a launcher's ranks check their GPU's capability themselves)
+    cuda_graph.wanted(cfg, device, layout, uses_fused_master(cfg, device), on_rank=layout is None)
     backend = cfg.parallel.backend
     if backend != "auto" and (backend == "nccl") != (device.type == "cuda"):
         raise UserError(f"parallel.backend={backend!r} does not fit train.device={device.type!r} "
@@ -124,16 +126,33 @@ class Trainer:
         # The one-pass master step reads the learning rate from the device, so a captured step sees each
         # step's value; train.cuda_graph captures the whole step after a few eager ones (cuda_graph.py).
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if self.fused_master else None
-        self.capture = cuda_graph.wanted(cfg, device, None if mesh is None else mesh.world_size, self.fused_master)
+        self.capture = cuda_graph.wanted(cfg, device, None if mesh is None else (mesh.dp, mesh.ep, mesh.tp),
+                                         self.fused_master)
         self.graph: cuda_graph.CapturedStep | None = None
+        self.captured = False  # whether steps were replayed as one CUDA graph (stays True after `close`)
         self.eager_steps = 0
 
     def close(self) -> None:
-        """Stop the batch thread (on CUDA; a thread inside a torch call at interpreter exit aborts it) and
-        remove the gradient-sync hooks."""
+        """Stop the batch thread (on CUDA; a thread inside a torch call at interpreter exit aborts it), remove
+        the gradient-sync hooks and destroy the captured step (before the process group goes: see
+        `CapturedStep.close`)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.grad_sync.close()
+        if self.graph is not None:
+            with self.reading("the last steps' results"):  # (its sync waits for them)
+                self.graph.close()
+            self.graph, self.capture = None, False
+
+    def reading(self, what: str):
+        """Where the host reads the results of steps that may still run on the GPUs. On a mesh whose steps
+        are replayed CUDA graphs the watchdog watches this wait as it watches a collective: the graph's
+        collectives run out of its sight, so a rank that hangs in one shows here."""
+        if self.graph is None or self.mesh is None or self.mesh.world_size == 1:
+            return contextlib.nullcontext()
+        ranks = list(range(self.mesh.world_size))
+        return self.mesh.trace.watching(f"reading {what} (their collectives run inside a CUDA graph) on world group "
+                                        f"{ranks}", ranks)
 
     def _local_batch(self, step: int) -> torch.Tensor:
         cfg = self.cfg
@@ -161,6 +180,7 @@ class Trainer:
             # captured (recorded, not run) now and replayed at once: every value the step leaves behind,
             # the routing statistics included, is then this step's
             self.graph = cuda_graph.CapturedStep(self._device_step, batch_BS)
+            self.captured = True
         if self.graph is not None:
             losses, grad_norm, finite = self.graph(batch_BS)
             return losses, grad_norm, lr, finite
@@ -298,8 +318,10 @@ def _train(cfg: Config, mesh: Mesh | None, source: TokenSource, run_dir: Path, r
             evaluated = evaluator is not None and (step % cfg.run.eval_every == 0 or step == cfg.train.steps)
             logged = step % cfg.run.log_every == 0 or step == cfg.train.steps or evaluated
             if logged or stop or signum is not None:
-                for pending_step, flag, pending_losses, pending_norm in pending:  # reading the flags syncs
-                    count_skipped(pending_step, bool(flag), pending_losses, pending_norm)
+                for pending_step, flag, pending_losses, pending_norm in pending:  # reading a flag syncs
+                    with trainer.reading(f"step {pending_step}'s results"):  # one step's wait each
+                        updated = bool(flag)
+                    count_skipped(pending_step, updated, pending_losses, pending_norm)
                 pending.clear()
             if logged:
                 now = time.perf_counter()
