@@ -90,8 +90,10 @@ def test_a_host_bound_winner_says_to_calibrate(tmp_path: Path):
     four = moemesh("plan", "gpu", "--gpus", "4", cwd=tmp_path)
     assert four.returncode == 0, four.stderr
     assert "largest term is host-bound idle" in four.stdout and "calibrate on yours (bench/mesh_sweep.sh" in four.stdout
+    assert "train.cuda_graph=on replays the step as one CUDA graph" in four.stdout
     graphed = moemesh("plan", "gpu", "--gpus", "4", "--set", "train.cuda_graph=on", cwd=tmp_path)
     assert graphed.returncode == 0 and "calibrate on yours" not in graphed.stdout
     assert "largest term is host-bound idle" not in graphed.stdout
+    assert "validated on 2 GPUs only, not yet on 4" in graphed.stdout
     one = moemesh("plan", "gpu", "--gpus", "1", cwd=tmp_path)
     assert one.returncode == 0 and "calibrate on yours" not in one.stdout

@@ -20,7 +20,7 @@ H200 = (9, 0)
 
 @pytest.mark.parametrize("overrides, device, layout, fused, capability, reason", [
     ([], "cuda", None, True, H200, None),
-    ([], "cpu", None, True, None, "train.device is 'cpu'"),
+    ([], "cpu", None, True, None, "the device is 'cpu' (train.device='cuda'), not a CUDA GPU"),
     ([], "cuda", (2, 1, 1), True, H200, None),  # a mesh's collectives are captured with its step
     ([], "cuda", (1, 1, 2), True, H200, None),
     ([], "cuda", (1, 1, 1), True, H200, None),  # torchrun with one process

@@ -128,9 +128,14 @@ def explain(best: Candidate, ranked: list[Candidate]) -> str:
                    f"because of {term_words(o, worst)} (+{diff[worst] * 1e3:.1f} ms).")
     if best.recompute != "none":
         why.append("Activation checkpointing is needed to fit in memory at this layout.")
-    if best.bottleneck == "idle" and best.dp * best.ep * best.tp > 1 and not best.graphed:
+    gpus = best.dp * best.ep * best.tp
+    if best.bottleneck == "idle" and gpus > 1 and not best.graphed:
         why.append("A host-bound step's time varies between machines: calibrate on yours (bench/mesh_sweep.sh, "
-                   "docs/planner.md).")
+                   "docs/planner.md); without expert parallelism, train.cuda_graph=on replays the step as one "
+                   "CUDA graph instead.")
+    if best.graphed and gpus > 2:
+        why.append(f"Its step as one CUDA graph on a mesh is validated on 2 GPUs only, not yet on {gpus} "
+                   f"(docs/planner.md).")
     return " ".join(why)
 
 

@@ -58,7 +58,7 @@ def unsupported(cfg: Config, device_type: str, layout: tuple[int, int, int] | No
     None without a mesh; `capability`: the CUDA device's compute capability, None where it is not known
     (a launcher's process, which does not touch the GPUs: each rank checks its own)."""
     if device_type != "cuda":
-        return f"train.device is {device_type!r}"
+        return f"the device is {device_type!r} (train.device={cfg.train.device!r}), not a CUDA GPU"
     if layout is not None and layout[1] > 1:
         return f"parallel.ep={layout[1]}: the expert all-to-all needs its split sizes on the host"
     if layout is not None and cfg.parallel.check_collectives:
