@@ -97,3 +97,6 @@ def test_a_host_bound_winner_says_to_calibrate(tmp_path: Path):
     assert "validated on 2 GPUs only, not yet on 4" in graphed.stdout
     one = moemesh("plan", "gpu", "--gpus", "1", cwd=tmp_path)
     assert one.returncode == 0 and "calibrate on yours" not in one.stdout
+    skeleton = SRC.parent / "bench" / "results" / "mesh_skeleton_x2.json"  # calibrated: no advice to calibrate
+    mine = moemesh("plan", "gpu", "--gpus", "4", "--calibrate", str(skeleton), cwd=tmp_path)
+    assert mine.returncode == 0 and "host-bound idle" in mine.stdout and "calibrate on yours" not in mine.stdout

@@ -115,7 +115,9 @@ def term_words(c: Candidate, term: str) -> str:
     return "idle between the CUDA graph's kernels" if c.graphed else "host-bound idle"
 
 
-def explain(best: Candidate, ranked: list[Candidate]) -> str:
+def explain(best: Candidate, ranked: list[Candidate], calibrated: bool = False) -> str:
+    """Why `best` wins. `calibrated`: the constants were fitted to the user's files (--calibrate), so the
+    advice to calibrate is left out."""
     why = [f"(dp={best.dp}, ep={best.ep}, tp={best.tp}{', SP' if best.sequence_parallel else ''}, "
            f"recompute={best.recompute}) is fastest at {best.step_s * 1e3:.1f} ms a step; its largest term is "
            f"{term_words(best, best.bottleneck)} ({best.terms[best.bottleneck] / best.step_s:.0%})."]
@@ -130,9 +132,9 @@ def explain(best: Candidate, ranked: list[Candidate]) -> str:
         why.append("Activation checkpointing is needed to fit in memory at this layout.")
     gpus = best.dp * best.ep * best.tp
     if best.bottleneck == "idle" and gpus > 1 and not best.graphed:
-        why.append("A host-bound step's time varies between machines: calibrate on yours (bench/mesh_sweep.sh, "
-                   "docs/planner.md); without expert parallelism, train.cuda_graph=on replays the step as one "
-                   "CUDA graph instead.")
+        calibrate = "" if calibrated else " calibrate on yours (bench/mesh_sweep.sh, docs/planner.md);"
+        why.append(f"A host-bound step's time varies between machines:{calibrate} without expert parallelism, "
+                   f"train.cuda_graph=on replays the step as one CUDA graph instead.")
     if best.graphed and gpus > 2:
         why.append(f"Its step as one CUDA graph on a mesh is validated on 2 GPUs only, not yet on {gpus} "
                    f"(docs/planner.md).")
@@ -171,7 +173,7 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
         print(json.dumps({"gpus": gpus, "gpus_per_node": gpus_per_node, "gpu": dataclasses.asdict(gpu),
                           "constants": dataclasses.asdict(constants), "imbalance": imbalance,
                           "evaluated": len(cands), "feasible": len(ranked), "plan_s": elapsed,
-                          "explanation": explain(ranked[0], ranked),
+                          "explanation": explain(ranked[0], ranked, bool(calibrate)),
                           "plans": [{"dp": c.dp, "ep": c.ep, "tp": c.tp, "sequence_parallel": c.sequence_parallel,
                                      "activation_checkpointing": c.recompute, "cuda_graph": c.graphed, "step_s": c.step_s,
                                      "tokens_per_s": tokens / c.step_s, "memory_gib": c.memory / GIB,
@@ -185,5 +187,5 @@ def plan_command(config: str | None, overrides, gpus: int, gpus_per_node: int, g
     for i, c in enumerate(ranked[:top], 1):
         print(f"{i:>3} {c.dp:>5} {c.ep:>4} {c.tp:>3} {'y' if c.sequence_parallel else '-':>3} {c.recompute:>9} "
               f"{c.step_s * 1e3:>9.1f} {tokens / c.step_s / 1e6:>8.3f} {c.need / GIB:>8.1f}  {c.bottleneck}")
-    print(explain(ranked[0], ranked))
+    print(explain(ranked[0], ranked, bool(calibrate)))
     return 0
