@@ -598,13 +598,14 @@ def fit(paths, gpu: GPU | None = None) -> Constants:
         runs, files = [r for p in mesh for r in load_mesh_runs(p)], " + ".join(str(p) for p in mesh)
         multi = [r for r in runs if math.prod(r.layout) > 1]
         graphed_tp = [r for r in multi if r.graphed and r.layout[2] > 1]
-        if not multi or not graphed_tp and all(r.graphed for r in multi):
+        op_by_op = [r for r in multi if not r.graphed]
+        if not graphed_tp and not op_by_op:
             raise UserError(f"plan: --calibrate {files}: no multi-GPU run launched op by op, and none replayed as "
                             f"a CUDA graph at tp > 1: nothing to fit the mesh's constants on")
         if graphed_tp:
             constants = fit_tp(graphed_tp, constants, gpu, files)
-        if not all(r.graphed for r in multi):
-            constants = fit_mesh(runs, constants, gpu, files)
+        if op_by_op:
+            constants = fit_mesh(op_by_op, constants, gpu, files)
     return constants
 
 
@@ -664,7 +665,6 @@ def mesh_run_terms(run: MeshRun, constants: Constants, gpu: GPU, gpus_per_node: 
     from moemesh.parallel.layout import build_layout
     from moemesh.plan.memory import meta_model
     from moemesh.plan.search import IMBALANCE
-
     from moemesh.train.cuda_graph import planned
 
     dp, ep, tp = run.layout

@@ -85,13 +85,13 @@ def enumerate_plans(cfg: Config, gpus: int, gpus_per_node: int, gpu: GPU, consta
              for mode in ("none", "moe", "full")}
     out = []
     for dp, ep, tp in factorisations(gpus):
+        graphed = cuda_graph.planned(cfg, (dp, ep, tp), gpu.capability)  # one CUDA graph per step
         for sp in ((False, True) if tp > 1 else (False,)):
             if not valid(cfg, dp, ep, tp, sp):
                 continue
             if sp not in by_sp:
                 by_sp[sp] = CountsByLayout(model, sp)
             counts, layout = by_sp[sp](ep, tp), by_sp[sp].layout(dp, ep, tp)
-            graphed = cuda_graph.planned(cfg, (dp, ep, tp), gpu.capability)  # one CUDA graph per step
             shape = shape_of(cfg, layout, counts)
             for mode, c in modes.items():
                 mem = estimate_layout(c, "cuda", layout, imbalance, counts)
